@@ -1,0 +1,10 @@
+#include "launch/commands.h"
+
+namespace ssa::launch {
+
+void add_eval_command(CLI::App& app, int& exit_code) {
+  auto* cmd = app.add_subcommand("eval", "eval (under construction)");
+  cmd->callback([&exit_code] { exit_code = kExitFailure; });
+}
+
+}  // namespace ssa::launch
