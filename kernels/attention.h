@@ -1,0 +1,86 @@
+#pragma once
+// Attention backends for SSA: full causal attention and block-sparse attention,
+// both returning the output and the log-sum-exp (so partial results can be merged
+// across context-parallel chunks), plus block selection and eval statistics.
+//
+// Layouts (all backends):
+//   q            [B, Sq, Hq, D]
+//   k, v         [B, Sk, Hkv, D]       Hq % Hkv == 0 (GQA: query head h uses kv head h / (Hq/Hkv))
+//   out          [B, Sq, Hq, D]        dtype of q
+//   lse          [B, Hq, Sq]           fp32, natural log, -inf for a row with no key
+//   block_ids    [B, Sq, Hkv, top_k]   int32 global block index (position / block_size),
+//                                      ascending, -1 marks an unused slot
+// Positions: q row i sits at global position q_start + i, k row j at k_start + j.
+// Causal: key position <= query position. Softmax scale 1/sqrt(D).
+// Every function is differentiable w.r.t. q, k, v through LibTorch autograd
+// (block_ids carry no gradient).
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+
+namespace ssa::kernels {
+
+struct AttentionResult {
+  at::Tensor out;  // [B, Sq, Hq, D]
+  at::Tensor lse;  // [B, Hq, Sq] fp32
+};
+
+enum class SelectionMode {
+  kToken,       // top-k per query token (the paper's)
+  kQueryBlock,  // one top-k per block of block_size queries (MoBA-style)
+};
+SelectionMode parse_selection_mode(const std::string& name);  // "token" | "query_block"
+
+enum class Backend { kReference, kCuda };
+// "auto" -> kCuda when the tensors are on a GPU and the CUDA kernels are built.
+Backend resolve_backend(const std::string& name, const at::Device& device);
+
+struct SparseOptions {
+  int64_t block_size = 16;
+  int64_t top_k = 16;
+  SelectionMode mode = SelectionMode::kToken;
+  Backend backend = Backend::kReference;
+  bool deterministic = false;
+};
+
+// Causal full attention of q against k/v. Rows whose every key is in the future
+// (possible when q_start < k_start) get out = 0 and lse = -inf.
+AttentionResult full_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               int64_t q_start = 0, int64_t k_start = 0);
+
+// Mean of the keys of each block of block_size positions.
+//   k [B, Sk, Hkv, D] with k_start % block_size == 0 -> [B, ceil(Sk / block_size), Hkv, D] (fp32)
+// A last partial block is the mean of the keys it has.
+at::Tensor pool_keys(const at::Tensor& k, int64_t block_size);
+
+// Selection as ssa-method.md: per query head the softmax over its causal blocks
+// (blocks whose first position <= the query position) of q . kbar / sqrt(D),
+// summed over the heads of each GQA group; the block holding the query is always
+// kept; the top_k best, ascending ids; -1 fills slots beyond the causal blocks.
+//   pooled [B, Nb, Hkv, D] covers global blocks [0, Nb) (all keys the queries may see).
+at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const SparseOptions& options,
+                         int64_t q_start = 0);
+
+// Attention of each query over the keys of its selected blocks only (causal mask
+// inside the block that holds the query). k/v hold positions [k_start, k_start+Sk);
+// ids outside that range are skipped, so partial results over chunks can be merged.
+AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& block_ids, const SparseOptions& options,
+                                 int64_t q_start = 0, int64_t k_start = 0);
+
+// Merges two partial attention results over disjoint key sets (fp32 LSE merge).
+AttentionResult merge_partials(const AttentionResult& a, const AttentionResult& b);
+
+// Eval statistics of the full attention distribution (ssa-method.md), without
+// gradient: per query and head, the fraction of the full attention mass inside the
+// selected blocks (sparsity) and the Shannon entropy in bits.
+struct AttentionStats {
+  double sparsity = 0;      // mean over batch, queries, heads
+  double entropy_bits = 0;  // mean over batch, queries, heads
+  int64_t count = 0;        // (query, head) pairs averaged
+};
+AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_ids,
+                               int64_t block_size);
+
+}  // namespace ssa::kernels
