@@ -1,0 +1,22 @@
+#pragma once
+// The CUDA implementations behind kernels/attention.h, used when the tensors are
+// on a GPU and the build links the CUDA runtime (SSA_WITH_CUDA). Same layouts,
+// semantics and autograd behaviour as the reference; attention.cpp dispatches here.
+#include "kernels/attention.h"
+
+namespace ssa::kernels::cuda {
+
+// True when this binary carries the CUDA kernels and a GPU is visible.
+bool available();
+
+#ifdef SSA_WITH_CUDA
+at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const SparseOptions& options,
+                         int64_t q_start);
+AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                 int64_t k_start);
+AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_ids,
+                               int64_t block_size);
+#endif
+
+}  // namespace ssa::kernels::cuda
