@@ -6,6 +6,11 @@
 #   ./setup.sh            install dependencies, configure and build (Release)
 #   SSA_BUILD_DIR=...     build folder (default: build)
 #   SSA_SKIP_APT=1        do not touch system packages (they are already there)
+#   SSA_TORCH_PYTHON=...  use the torch of this python (e.g. a CUDA build on a GPU
+#                         node) instead of installing the wheel into .venv
+#   SSA_CMAKE_ARGS=...    extra CMake arguments for the first configure
+# On a machine whose torch has CUDA and that has nvcc, the CUDA kernels are built
+# and linked (SSA_CUDA_RUNTIME=ON).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -45,19 +50,30 @@ if [[ "${SSA_SKIP_APT:-0}" != 1 ]]; then
   fi
 fi
 
-# 2. LibTorch from the torch wheel, in a venv inside the repo.
-if [[ ! -x $venv/bin/python ]]; then
-  log "creating $venv"
-  python3 -m venv "$venv"
+# 2. LibTorch from the torch wheel, in a venv inside the repo (or a given python's).
+if [[ -n "${SSA_TORCH_PYTHON:-}" ]]; then
+  torch_python=$SSA_TORCH_PYTHON
+else
+  if [[ ! -x $venv/bin/python ]]; then
+    log "creating $venv"
+    python3 -m venv "$venv"
+  fi
+  if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('torch') != '$torch_version')" 2>/dev/null; then
+    log "installing torch==$torch_version (LibTorch) into $venv"
+    # --no-deps: we need LibTorch's headers and shared libraries, not the
+    # Python-side CUDA wheels (gigabytes); the CPU build links libtorch_cpu only.
+    "$venv/bin/pip" install -q --no-deps "torch==$torch_version"
+  fi
+  torch_python=$venv/bin/python
 fi
-if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('torch') != '$torch_version')" 2>/dev/null; then
-  log "installing torch==$torch_version (LibTorch) into $venv"
-  # --no-deps: we need LibTorch's headers and shared libraries, not the
-  # Python-side CUDA wheels (gigabytes); the CPU build links libtorch_cpu only.
-  "$venv/bin/pip" install -q --no-deps "torch==$torch_version"
+torch_dir=$("$torch_python" -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('torch').origin))")
+torch_prefix=$torch_dir/share/cmake
+
+cuda_runtime=OFF
+if [[ -n "${SSA_TORCH_PYTHON:-}" ]] && command -v nvcc >/dev/null && command -v nvidia-smi >/dev/null \
+   && [[ -e $torch_dir/lib/libtorch_cuda.so ]] && nvidia-smi -L >/dev/null 2>&1; then
+  cuda_runtime=ON
 fi
-torch_prefix=$("$venv/bin/python" -c "import torch.utils; print(torch.utils.cmake_prefix_path)" 2>/dev/null \
-  || "$venv/bin/python" -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('torch').origin), 'share', 'cmake'))")
 
 # libtorch_cpu.so of the CUDA wheel needs libcudart.so.13 and libcupti.so.13 at
 # load time even when no GPU is used. Take them from a CUDA toolkit if one is
@@ -67,7 +83,7 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda/extras/CUPTI/
   [[ -e $d/libcudart.so.13 || -e $d/libcupti.so.13 ]] && cuda_lib_dirs+=("$d")
 done
 have() { for d in "${cuda_lib_dirs[@]}" "$venv/cuda-runtime"; do [[ -e $d/$1 ]] && return 0; done; ldconfig -p | grep -q "$1"; }
-if ! have libcudart.so.13 || ! have libcupti.so.13; then
+if [[ $cuda_runtime == OFF ]] && { ! have libcudart.so.13 || ! have libcupti.so.13; }; then
   log "installing the CUDA 13 runtime libraries LibTorch loads (no GPU needed)"
   "$venv/bin/pip" install -q --no-deps --target "$venv/cuda-wheels" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cupti==13.0.*"
   mkdir -p "$venv/cuda-runtime"
@@ -82,7 +98,8 @@ command -v ninja >/dev/null && [[ ! -f $build_dir/Makefile ]] && generator=(-G N
 if [[ ! -f $build_dir/CMakeCache.txt ]]; then
   log "configuring $build_dir"
   cmake -S "$root" -B "$build_dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_PREFIX_PATH="$torch_prefix" -DSSA_EXTRA_RPATH="$runtime_path" ${SSA_CMAKE_ARGS:-}
+    -DCMAKE_PREFIX_PATH="$torch_prefix${SSA_EXTRA_PREFIX:+;$SSA_EXTRA_PREFIX}" -DSSA_EXTRA_RPATH="$runtime_path" \
+    -DSSA_CUDA_RUNTIME=$cuda_runtime ${SSA_CMAKE_ARGS:-}
 fi
 log "building"
 cmake --build "$build_dir" --parallel "$(nproc)"
