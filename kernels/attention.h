@@ -14,6 +14,8 @@
 // Causal: key position <= query position. Softmax scale 1/sqrt(D).
 // Every function is differentiable w.r.t. q, k, v through LibTorch autograd
 // (block_ids carry no gradient).
+// fp64 inputs (finite-difference tests) keep fp64 in the reference backend: its
+// lse and pooled keys are then fp64 instead of fp32.
 #include <ATen/ATen.h>
 
 #include <cstdint>
@@ -58,6 +60,10 @@ at::Tensor pool_keys(const at::Tensor& k, int64_t block_size);
 // (blocks whose first position <= the query position) of q . kbar / sqrt(D),
 // summed over the heads of each GQA group; the block holding the query is always
 // kept; the top_k best, ascending ids; -1 fills slots beyond the causal blocks.
+// Equal scores go to the lower block id. kQueryBlock: the queries of a query block
+// share one set, ranked by the mean over those queries of the group-summed scores
+// (the block's own block forced); needs q_start % block_size == 0, and a last
+// partial query block averages the queries it has.
 //   pooled [B, Nb, Hkv, D] covers global blocks [0, Nb) (all keys the queries may see).
 at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const SparseOptions& options,
                          int64_t q_start = 0);
@@ -80,7 +86,12 @@ struct AttentionStats {
   double entropy_bits = 0;  // mean over batch, queries, heads
   int64_t count = 0;        // (query, head) pairs averaged
 };
+// q row i and k row j sit at positions i and j (one whole sequence); Sk > 0.
+// block_ids [B, Sq, Hkv, top_k] as select_blocks gives them. The backend is
+// resolve_backend("auto", q.device()); the overload below names it.
 AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_ids,
                                int64_t block_size);
+AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_ids,
+                               int64_t block_size, Backend backend);
 
 }  // namespace ssa::kernels

@@ -34,6 +34,7 @@ struct StepRecord {
 
 // Eval results published as gauges (per context length and budget).
 struct EvalRecord {
+  int64_t step = 0;          // optimizer steps completed when the eval ran
   int64_t seq_len = 0;
   int64_t top_k = 0;
   double full_perplexity = 0;

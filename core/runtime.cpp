@@ -1,0 +1,86 @@
+#include "core/runtime.h"
+
+#include <fmt/format.h>
+
+#ifdef SSA_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+namespace ssa::core {
+
+namespace {
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+bool cuda_present() {
+#ifdef SSA_WITH_CUDA
+  return at::cuda::is_available();
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+Runtime choose_runtime(const TrainConfig& train, int64_t local_rank) {
+  Runtime rt;
+  const bool want_cuda = train.device == "cuda" || (train.device == "auto" && cuda_present());
+  if (want_cuda && !cuda_present())
+    throw ConfigError(fmt::format("config key 'train.device' = 'cuda': no CUDA GPU is available{}",
+#ifdef SSA_WITH_CUDA
+                                  ""
+#else
+                                  " (this build has no CUDA support)"
+#endif
+                                  ));
+  if (want_cuda) {
+#ifdef SSA_WITH_CUDA
+    const int64_t count = at::cuda::device_count();
+    rt.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(local_rank % count));
+    c10::cuda::set_device(rt.device.index());
+    rt.peak_flops = 989e12;  // H100/H200 SXM dense bf16
+#endif
+  }
+  if (train.dtype == "bf16" || (train.dtype == "auto" && rt.device.is_cuda())) rt.dtype = at::kBFloat16;
+  return rt;
+}
+
+void Runtime::synchronize() const {
+#ifdef SSA_WITH_CUDA
+  if (device.is_cuda()) at::cuda::getCurrentCUDAStream(device.index()).synchronize();
+#endif
+}
+
+int64_t Runtime::peak_memory_bytes() const {
+#ifdef SSA_WITH_CUDA
+  if (device.is_cuda()) {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    return stats.allocated_bytes[0].peak;
+  }
+#endif
+  return 0;
+}
+
+kernels::SparseOptions sparse_options(const AttentionConfig& attention, const at::Device& device) {
+  kernels::SparseOptions o;
+  o.block_size = attention.block_size;
+  o.top_k = attention.top_k;
+  o.mode = kernels::parse_selection_mode(attention.selection);
+  o.backend = kernels::resolve_backend(attention.backend, device);
+  o.deterministic = attention.deterministic;
+  return o;
+}
+
+bool draw_full_stream(uint64_t seed, int64_t step, int64_t micro_batch, int64_t replica, double p) {
+  uint64_t h = splitmix64(seed);
+  h = splitmix64(h ^ static_cast<uint64_t>(step));
+  h = splitmix64(h ^ (static_cast<uint64_t>(micro_batch) << 20));
+  h = splitmix64(h ^ (static_cast<uint64_t>(replica) << 40));
+  const double u = static_cast<double>(h >> 11) * (1.0 / 9007199254740992.0);  // [0, 1)
+  return u < p;
+}
+
+}  // namespace ssa::core

@@ -1,0 +1,34 @@
+#pragma once
+// Where and how a rank computes: device, dtype, the peak FLOP rate used for MFU,
+// and the per-forward-pass stream draw of SSA.
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+
+#include "core/config.h"
+#include "kernels/attention.h"
+
+namespace ssa::core {
+
+struct Runtime {
+  at::Device device{at::kCPU};
+  at::ScalarType dtype = at::kFloat;
+  double peak_flops = 0;  // dense bf16 peak of the GPU (0 on CPU: no MFU)
+  std::string dtype_name() const { return dtype == at::kBFloat16 ? "bf16" : "fp32"; }
+  void synchronize() const;             // waits for queued GPU work (timing)
+  int64_t peak_memory_bytes() const;    // peak allocated on this device, 0 on CPU
+};
+
+// train.device / train.dtype: auto picks CUDA device `local_rank` and bf16 when
+// a GPU is present, else CPU and fp32. Asking for cuda without one is an error.
+Runtime choose_runtime(const TrainConfig& train, int64_t local_rank);
+
+kernels::SparseOptions sparse_options(const AttentionConfig& attention, const at::Device& device);
+
+// The SSA stream drawn for one forward pass: full with probability p. A pure
+// function of (seed, step, micro-batch, replica), so a resumed run draws the same
+// modes and every cp rank of one replica draws the same one.
+bool draw_full_stream(uint64_t seed, int64_t step, int64_t micro_batch, int64_t replica, double p);
+
+}  // namespace ssa::core

@@ -1,0 +1,214 @@
+// Entry points of kernels/attention.h: input checks, backend choice, dispatch to
+// the reference (reference_*.cpp) or, with Backend::kCuda, to the CUDA kernels.
+//
+// Formulations of the reference backend (LibTorch ops, CPU or CUDA tensors):
+// - Full attention. Keys after the last query are dropped first (masked for
+//   every row). Then, when q and k start at one position and Sq == Sk, or when
+//   every key precedes every query (a context-parallel chunk from the past),
+//   fused SDPA that also returns the log-sum-exp:
+//   _scaled_dot_product_flash_attention_for_cpu on CPU (fp32/fp64/bf16/fp16),
+//   _scaled_dot_product_flash_attention on CUDA for bf16/fp16, and
+//   _scaled_dot_product_efficient_attention for fp32 (D % 8 == 0, D <= 256);
+//   GQA by repeating each kv head over its query heads. Their lse output carries
+//   no gradient (out does). Every other case (partial causal overlap of the
+//   chunks, other dtypes or head dims) is matmul + masked softmax with the mask
+//   from global positions, memory O(Sq * Sk), and there the lse is
+//   differentiable too. A chunk whose keys all lie in the future returns out 0
+//   and lse -inf without a graph.
+// - Masked softmax: rows are shifted by their (gradient-free) max; a row with no
+//   visible key gets probs 0 and lse -inf and finite gradients.
+// - Sparse attention: for each (query, kv head) the keys and values of the
+//   top_k selected blocks are gathered into [top_k * block_size] slots
+//   (an embedding lookup, whose backward is deterministic on CPU and CUDA, so
+//   options.deterministic holds; memory O(Sq * top_k * block_size)); a slot is masked
+//   when its id is -1, its position is outside this k chunk [k_start,
+//   k_start + Sk) (which also covers the missing tail of a last partial block)
+//   or it is after the query (the causal mask inside the query's own block).
+//   out and lse are both differentiable.
+// - Selection (no gradient): pooled keys are block means (a last partial block
+//   averages the keys it has); per query head softmax over the causal blocks
+//   (first position <= the query's) of q . kbar / sqrt(D), summed over the GQA
+//   group; the own block scored +inf, non-causal blocks -inf; a stable
+//   descending sort (ties to the lower id) gives the top_k, sorted ascending,
+//   -inf picks turned into -1. Query-block mode ranks by the mean over the
+//   block's queries (same order as the sum). Queries run in chunks so the
+//   scores stay O(chunk * Nb).
+// - Statistics (no gradient): the full causal softmax per chunk of queries
+//   (O(chunk * Sk)); sparsity = mass in the selected blocks, entropy in bits,
+//   both averaged over batch, queries and heads.
+// - Merge: lse = logaddexp(lse_a, lse_b) in fp32 (fp64 for fp64), out weighted by
+//   exp(lse_x - lse); rows empty in both parts stay 0 / -inf; differentiable in
+//   the parts' out and lse. Under autograd a part whose out requires grad but
+//   whose lse has none (fused path) is refused: its merged gradient would be
+//   wrong. Context-parallel merging runs inside its own autograd Function.
+// Arithmetic is fp32 for fp32/bf16/fp16 inputs and fp64 for fp64 inputs.
+#include "kernels/attention.h"
+
+#include <fmt/format.h>
+
+#include <stdexcept>
+
+#include "kernels/attention_checks.h"
+#include "kernels/cuda_attention.h"
+#include "kernels/reference_attention.h"
+
+namespace ssa::kernels {
+
+#ifndef SSA_WITH_CUDA
+// A build without the CUDA kernels: the CUDA engineer's definition is compiled
+// only with SSA_WITH_CUDA.
+bool cuda::available() { return false; }
+#endif
+
+namespace {
+
+bool cuda_usable(const at::Device& device) {
+#ifdef SSA_WITH_CUDA
+  return device.is_cuda() && cuda::available();
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+// Throws unless the CUDA backend can run on q's device in this build.
+void require_cuda(const char* fn, const at::Tensor& q) {
+#ifdef SSA_WITH_CUDA
+  if (!q.is_cuda() || !cuda::available()) {
+    throw std::runtime_error(fmt::format(
+        "kernels::{}: backend cuda needs CUDA tensors and a visible GPU, got tensors on {}", fn, q.device().str()));
+  }
+#else
+  throw std::runtime_error(
+      fmt::format("kernels::{}: backend cuda requested, but this build has no CUDA kernels (configure with "
+                  "-DSSA_CUDA_RUNTIME=ON on a machine with nvcc and LibTorch's CUDA libraries)",
+                  fn));
+#endif
+}
+
+}  // namespace
+
+SelectionMode parse_selection_mode(const std::string& name) {
+  if (name == "token") return SelectionMode::kToken;
+  if (name == "query_block") return SelectionMode::kQueryBlock;
+  throw std::runtime_error(
+      fmt::format("kernels: unknown selection mode '{}' (expected 'token' or 'query_block')", name));
+}
+
+Backend resolve_backend(const std::string& name, const at::Device& device) {
+  if (name == "reference") return Backend::kReference;
+  if (name == "auto") return cuda_usable(device) ? Backend::kCuda : Backend::kReference;
+  if (name == "cuda") {
+    if (cuda_usable(device)) return Backend::kCuda;
+#ifdef SSA_WITH_CUDA
+    throw std::runtime_error(fmt::format(
+        "kernels: attention backend 'cuda' needs a CUDA device with a visible GPU, got device {}", device.str()));
+#else
+    throw std::runtime_error(
+        "kernels: attention backend 'cuda' requested, but this build has no CUDA kernels (configure with "
+        "-DSSA_CUDA_RUNTIME=ON), use 'auto' or 'reference'");
+#endif
+  }
+  throw std::runtime_error(
+      fmt::format("kernels: unknown attention backend '{}' (expected 'auto', 'reference' or 'cuda')", name));
+}
+
+AttentionResult full_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
+                               int64_t k_start) {
+  check_qkv("full_attention", q, k, v);
+  check_starts("full_attention", q_start, k_start);
+  return reference::full_attention(q, k, v, q_start, k_start);
+}
+
+at::Tensor pool_keys(const at::Tensor& k, int64_t block_size) {
+  if (!k.defined() || k.dim() != 4 || !at::isFloatingType(k.scalar_type())) {
+    throw std::runtime_error("kernels::pool_keys: k must be a floating 4-D tensor [B, Sk, Hkv, D]");
+  }
+  if (block_size <= 0) {
+    throw std::runtime_error(fmt::format("kernels::pool_keys: block_size must be > 0, got {}", block_size));
+  }
+  return reference::pool_keys(k, block_size);
+}
+
+at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const SparseOptions& options, int64_t q_start) {
+  check_pooled("select_blocks", q, pooled);
+  check_options("select_blocks", options);
+  check_starts("select_blocks", q_start, 0);
+  if (q.size(1) > 0) {
+    const int64_t last_block = (q_start + q.size(1) - 1) / options.block_size;
+    if (last_block >= pooled.size(1)) {
+      throw std::runtime_error(fmt::format(
+          "kernels::select_blocks: the last query (position {}) is in block {}, but pooled covers only blocks "
+          "[0, {}); pooled must cover every key the queries may see",
+          q_start + q.size(1) - 1, last_block, pooled.size(1)));
+    }
+  }
+  if (options.mode == SelectionMode::kQueryBlock && q_start % options.block_size != 0) {
+    throw std::runtime_error(
+        fmt::format("kernels::select_blocks: query_block selection needs q_start ({}) to be a multiple of "
+                    "block_size ({}) so no query block is split",
+                    q_start, options.block_size));
+  }
+  if (options.backend == Backend::kCuda) {
+    require_cuda("select_blocks", q);
+#ifdef SSA_WITH_CUDA
+    return cuda::select_blocks(q, pooled, options, q_start);
+#endif
+  }
+  return reference::select_blocks(q, pooled, options, q_start);
+}
+
+AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                 int64_t k_start) {
+  check_qkv("sparse_attention", q, k, v);
+  check_options("sparse_attention", options);
+  check_starts("sparse_attention", q_start, k_start);
+  // The CUDA path skips the value check: it would stall the stream with a sync
+  // on every call, and its ids come from select_blocks.
+  check_block_ids("sparse_attention", block_ids, q, k.size(2), options.backend != Backend::kCuda);
+  if (options.backend == Backend::kCuda) {
+    require_cuda("sparse_attention", q);
+#ifdef SSA_WITH_CUDA
+    return cuda::sparse_attention(q, k, v, block_ids, options, q_start, k_start);
+#endif
+  }
+  return reference::sparse_attention(q, k, v, block_ids, options.block_size, q_start, k_start);
+}
+
+AttentionResult merge_partials(const AttentionResult& a, const AttentionResult& b) {
+  return reference::merge_partials(a, b);
+}
+
+AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_ids,
+                               int64_t block_size) {
+  if (!q.defined()) throw std::runtime_error("kernels::attention_stats: q is undefined");
+  return attention_stats(q, k, block_ids, block_size, resolve_backend("auto", q.device()));
+}
+
+AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_ids,
+                               int64_t block_size, Backend backend) {
+  check_qk("attention_stats", q, k);
+  if (block_size <= 0) {
+    throw std::runtime_error(fmt::format("kernels::attention_stats: block_size must be > 0, got {}", block_size));
+  }
+  if (k.size(1) == 0) throw std::runtime_error("kernels::attention_stats: k has no keys (Sk = 0)");
+  check_block_ids("attention_stats", block_ids, q, k.size(2));
+  const int64_t nb = (k.size(1) + block_size - 1) / block_size;
+  if (block_ids.numel() > 0) {
+    const int64_t max_id = block_ids.max().item<int64_t>();
+    if (max_id >= nb) {
+      throw std::runtime_error(fmt::format(
+          "kernels::attention_stats: block id {} is beyond the {} blocks of the {} keys", max_id, nb, k.size(1)));
+    }
+  }
+  if (backend == Backend::kCuda) {
+    require_cuda("attention_stats", q);
+#ifdef SSA_WITH_CUDA
+    return cuda::attention_stats(q, k, block_ids, block_size);
+#endif
+  }
+  return reference::attention_stats(q, k, block_ids, block_size);
+}
+
+}  // namespace ssa::kernels

@@ -1,0 +1,144 @@
+#pragma once
+// Parameters and launchers of the CUDA attention kernels. Host-only declarations
+// (no device code), so the LibTorch wrappers (kernels/cuda_*.cpp) include this too.
+// All tensors are contiguous, layouts as kernels/attention.h:
+//   q, o, dq [B, Sq, Hq, D] bf16     k, v, dk, dv [B, Sk, Hkv, D] bf16
+//   lse [B, Hq, Sq] fp32             block_ids [B, Sq, Hkv, top_k] int32
+// G = Hq / Hkv query heads share a kv head. Each launcher returns the CUDA error
+// of its launches (cudaSuccess when fine); the wrappers check it.
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace ssa::kernels::cuda {
+
+// Keys are processed in tiles of this many positions (one mma n-dimension pair).
+constexpr int kKeyTile = 16;
+// Head dims with compiled kernels.
+constexpr bool head_dim_supported(int64_t d) { return d == 64 || d == 128; }
+constexpr int kMaxGroup = 32;  // query heads per kv head
+constexpr int kMaxTopK = 64;   // selection keeps its running top-k in registers
+
+struct Shape {
+  int batch = 0, sq = 0, sk = 0, hq = 0, hkv = 0, head_dim = 0;
+  int top_k = 0, block_size = 0;
+  int64_t q_start = 0, k_start = 0;  // global positions of q row 0 and k row 0
+  int group() const { return hq / hkv; }
+};
+
+struct ForwardParams {
+  Shape shape;
+  const __nv_bfloat16* q = nullptr;
+  const __nv_bfloat16* k = nullptr;
+  const __nv_bfloat16* v = nullptr;
+  const int32_t* block_ids = nullptr;
+  __nv_bfloat16* out = nullptr;
+  float* lse = nullptr;
+};
+cudaError_t launch_sparse_forward(const ForwardParams& p, cudaStream_t stream);
+
+// Backward, step 1: per (token, head) delta = sum_d o * do - dlse and lse * log2(e),
+// both laid out [B, Sq, Hq] fp32 so the G heads of a token are contiguous.
+struct BackwardPrepParams {
+  Shape shape;
+  const __nv_bfloat16* out = nullptr;
+  const __nv_bfloat16* dout = nullptr;
+  const float* lse = nullptr;   // [B, Hq, Sq]
+  const float* dlse = nullptr;  // [B, Hq, Sq] or null (no gradient into lse)
+  float* delta = nullptr;       // [B, Sq, Hq]
+  float* lse_log2 = nullptr;    // [B, Sq, Hq]
+};
+cudaError_t launch_backward_prep(const BackwardPrepParams& p, cudaStream_t stream);
+
+// Backward, step 2: dq per (token, kv head), iterating over its selected blocks.
+struct BackwardDqParams {
+  Shape shape;
+  const __nv_bfloat16* q = nullptr;
+  const __nv_bfloat16* k = nullptr;
+  const __nv_bfloat16* v = nullptr;
+  const __nv_bfloat16* dout = nullptr;
+  const int32_t* block_ids = nullptr;
+  const float* delta = nullptr;     // [B, Sq, Hq]
+  const float* lse_log2 = nullptr;  // [B, Sq, Hq]
+  __nv_bfloat16* dq = nullptr;
+};
+cudaError_t launch_backward_dq(const BackwardDqParams& p, cudaStream_t stream);
+
+// Backward, step 3: dk/dv per key tile from the inverted index (the queries that
+// selected each block). A work item is one key tile of one block and a run of at
+// most kMaxEntriesPerItem consecutive entries of the block's query list:
+//   entry_token [n_entries]  query row (0..Sq-1) of each entry, grouped by bucket
+//   item_bucket, item_begin, item_end [n_items]: the item's bucket and entry range
+// A bucket is (b, kv head, token chunk, block); block_first is the global id of
+// bucket block 0 and blocks_per_chunk the number of blocks per (b, head, chunk).
+// The item of warp w is w / tiles_per_block, its key tile w % tiles_per_block.
+// Atomic mode (partial == null): dk_acc/dv_acc [B, Sk, Hkv, D] fp32, zeroed, get
+// float atomics. Deterministic mode: each warp writes its partial [16, D] fp32
+// into partial_dk/partial_dv[w], and launch_dkdv_reduce sums them in item order.
+constexpr int kMaxEntriesPerItem = 64;
+struct BackwardDkdvParams {
+  Shape shape;
+  const __nv_bfloat16* q = nullptr;
+  const __nv_bfloat16* k = nullptr;
+  const __nv_bfloat16* v = nullptr;
+  const __nv_bfloat16* dout = nullptr;
+  const float* delta = nullptr;     // [B, Sq, Hq]
+  const float* lse_log2 = nullptr;  // [B, Sq, Hq]
+  const int32_t* entry_token = nullptr;
+  const int32_t* item_bucket = nullptr;
+  const int32_t* item_begin = nullptr;
+  const int32_t* item_end = nullptr;
+  int64_t n_items = 0;
+  int tiles_per_block = 0;
+  int token_chunk = 0;       // tokens per chunk of the bucket key
+  int n_token_chunks = 0;
+  int block_first = 0;
+  int blocks_per_chunk = 0;
+  float* dk_acc = nullptr;  // atomic mode
+  float* dv_acc = nullptr;
+  float* partial_dk = nullptr;  // deterministic mode: [n_items * tiles_per_block, 16, D]
+  float* partial_dv = nullptr;
+};
+cudaError_t launch_backward_dkdv(const BackwardDkdvParams& p, cudaStream_t stream);
+
+// Deterministic mode: dk/dv [B, Sk, Hkv, D] bf16 = sum of the partials of every
+// item of the key's block, token chunk by token chunk, in item order.
+//   bucket_item_begin [n_buckets + 1]: first item of each bucket.
+struct DkdvReduceParams {
+  BackwardDkdvParams work;
+  const int32_t* bucket_item_begin = nullptr;
+  __nv_bfloat16* dk = nullptr;
+  __nv_bfloat16* dv = nullptr;
+};
+cudaError_t launch_dkdv_reduce(const DkdvReduceParams& p, cudaStream_t stream);
+
+// Selection. pooled_hi + pooled_lo (bf16 each, [B, Hkv, Nb, D]) carry the fp32
+// pooled keys to about 16 bits of mantissa: the ranking pass uses both, the
+// normaliser pass the high part only.
+struct SelectParams {
+  Shape shape;  // sk unused; block_size, top_k, q_start used
+  int n_blocks = 0;
+  bool per_query_block = false;
+  const __nv_bfloat16* q = nullptr;
+  const __nv_bfloat16* pooled_hi = nullptr;
+  const __nv_bfloat16* pooled_lo = nullptr;
+  float* block_scores = nullptr;  // query-block mode: [B, Hkv, n_query_blocks, Nb] fp32 scratch
+  int32_t* block_ids = nullptr;
+};
+cudaError_t launch_select(const SelectParams& p, cudaStream_t stream);
+
+// Eval statistics of the full causal attention (q row i and k row j at positions
+// i and j), per (b, head, query): the attention mass inside the selected blocks and
+// the entropy in bits, written to sparsity/entropy [B, Hq, Sq] fp32.
+struct StatsParams {
+  Shape shape;
+  const __nv_bfloat16* q = nullptr;
+  const __nv_bfloat16* k = nullptr;
+  const int32_t* block_ids = nullptr;
+  float* sparsity = nullptr;
+  float* entropy_bits = nullptr;
+};
+cudaError_t launch_stats(const StatsParams& p, cudaStream_t stream);
+
+}  // namespace ssa::kernels::cuda

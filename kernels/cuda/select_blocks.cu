@@ -1,0 +1,401 @@
+// Block selection (ssa-method.md): for each query token and kv head, per query
+// head the softmax over the token's causal blocks of q . kbar / sqrt(D), summed
+// over the GQA group; the own block forced; the top_k best, ascending, -1 after.
+// Nothing of size [tokens x blocks] is written: a CTA owns a tile of tokens of one
+// (batch, kv head), streams the pooled keys through shared memory in chunks of 64
+// blocks, and makes two passes over them:
+//   1. normalisers: per (token, head) the running max and sum of exp (log2 domain);
+//   2. probabilities, summed over the group in registers and shuffles, feeding a
+//      running top-k per token held across the warp (lane i: entries i, i + 32).
+// The mma's M dimension is the 16 heads of a group tile; N is 8 blocks.
+// Pooled keys come as bf16 hi + lo parts; the ranking pass uses both (near fp32
+// logits, so ties and near-ties fall as in the fp32 reference), the normaliser
+// pass only hi. Query-block mode: the CTA owns one query block; its tokens'
+// group sums are added per block into a global row [Nb] (one per query block,
+// deterministic order), then one warp ranks that row.
+#include <cuda_bf16.h>
+
+#include <climits>
+#include <cmath>
+
+#include "kernels/cuda/mma.cuh"
+#include "kernels/cuda/params.cuh"
+#include "kernels/cuda/sparse_tiles.cuh"
+
+namespace ssa::kernels::cuda {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kWarps = 4;
+constexpr int kChunk = 64;  // pooled blocks per shared-memory chunk
+
+template <int kD, int kMT>
+struct SelectConfig {
+  static constexpr int kUnits = kD == 64 ? 4 : 2;  // 16-head m-tiles per warp
+  static constexpr int kTokens = kUnits / kMT;      // tokens per warp per round
+  static constexpr int kChunkBytes = kChunk * kD * 2;
+  // Two buffers of (hi, lo) chunks, then the per-warp column sums of a chunk.
+  static constexpr int kSmem = 2 * 2 * kChunkBytes + kWarps * kChunk * 4;
+};
+
+// Running top-k of one query over the warp, sorted by descending score; equal
+// scores keep the earlier (lower) block id first.
+struct TopK {
+  float s0, s1;  // scores of entries lane and lane + 32
+  int i0, i1;    // their block ids (-1: empty)
+
+  __device__ void init(int lane, int forced) {
+    s0 = lane == 0 ? INFINITY : -1.f;
+    i0 = lane == 0 ? forced : -1;
+    s1 = -1.f;
+    i1 = -1;
+  }
+  __device__ float threshold(int k) const {
+    const float v = k - 1 < 32 ? s0 : s1;
+    return __shfl_sync(kFull, v, (k - 1) & 31);
+  }
+  // Inserts after every entry with score >= s (the list shifts down by one).
+  __device__ void insert(float s, int id, int lane) {
+    float pa = __shfl_up_sync(kFull, s0, 1), pb = __shfl_up_sync(kFull, s1, 1);
+    int ia = __shfl_up_sync(kFull, i0, 1), ib = __shfl_up_sync(kFull, i1, 1);
+    const float a31 = __shfl_sync(kFull, s0, 31);
+    const int ia31 = __shfl_sync(kFull, i0, 31);
+    if (lane == 0) {
+      pa = INFINITY;
+      pb = a31;
+      ib = ia31;
+    }
+    if (!(s0 >= s)) {
+      i0 = pa >= s ? id : ia;
+      s0 = pa >= s ? s : pa;
+    }
+    if (!(s1 >= s)) {
+      i1 = pb >= s ? id : ib;
+      s1 = pb >= s ? s : pb;
+    }
+  }
+  // The first k entries' ids in ascending order, -1 slots last.
+  __device__ void write_sorted(int32_t* out, int k, int lane) const {
+    const int key0 = lane < k && i0 >= 0 ? i0 : INT_MAX;
+    const int key1 = lane + 32 < k && i1 >= 0 ? i1 : INT_MAX;
+    int rank0 = 0, rank1 = 0;
+    for (int j = 0; j < 32 && j < k; ++j) {
+      const int kj = __shfl_sync(kFull, key0, j);
+      rank0 += kj < key0 || (kj == key0 && j < lane);
+      rank1 += kj < key1 || kj == key1;  // entry j (< 32) precedes entry lane + 32
+    }
+    for (int j = 32; j < k; ++j) {
+      const int kj = __shfl_sync(kFull, key1, j - 32);
+      rank0 += kj < key0;
+      rank1 += kj < key1 || (kj == key1 && j < lane + 32);
+    }
+    if (lane < k) out[rank0] = key0 == INT_MAX ? -1 : key0;
+    if (lane + 32 < k) out[rank1] = key1 == INT_MAX ? -1 : key1;
+  }
+};
+
+// Streams chunks [0, n_chunks) of pooled rows (hi, and lo when with_lo) through two
+// shared-memory buffers; f(chunk, hi_tile, lo_tile) runs between CTA barriers.
+template <int kD, typename F>
+__device__ void stream_chunks(int n_chunks, int n_rows, bool with_lo, const __nv_bfloat16* hi,
+                              const __nv_bfloat16* lo, uint32_t buffers, F&& f) {
+  constexpr int kChunkBytes = kChunk * kD * 2;
+  constexpr int kPieces = kChunk * kD / 8;  // 16-byte pieces per chunk
+  auto stage = [&](int c) {
+    const uint32_t base = buffers + (c & 1) * 2 * kChunkBytes;
+    for (int i = threadIdx.x; i < kPieces; i += kWarps * 32) {
+      const int row = i / (kD / 8), piece = i % (kD / 8);
+      const int64_t r = static_cast<int64_t>(c) * kChunk + row;
+      const bool valid = r < n_rows;
+      const int64_t off = valid ? r * kD + piece * 8 : 0;
+      const uint32_t dst = device::tile_offset<kD>(row, piece);
+      device::cp_async_16(base + dst, hi + off, valid);
+      if (with_lo) device::cp_async_16(base + kChunkBytes + dst, lo + off, valid);
+    }
+    device::cp_async_commit();
+  };
+  stage(0);
+  for (int c = 0; c < n_chunks; ++c) {
+    if (c + 1 < n_chunks) {
+      stage(c + 1);
+    } else {
+      device::cp_async_commit();
+    }
+    device::cp_async_wait<1>();
+    __syncthreads();
+    const uint32_t base = buffers + (c & 1) * 2 * kChunkBytes;
+    f(c, base, base + kChunkBytes);
+    __syncthreads();
+  }
+}
+
+template <int kD, int kMT>
+__global__ void __launch_bounds__(kWarps * 32) select_kernel(const SelectParams p) {
+  using C = SelectConfig<kD, kMT>;
+  constexpr int kUnits = C::kUnits, kTokens = C::kTokens;
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* colsum = reinterpret_cast<float*>(smem + 4 * C::kChunkBytes);  // [kWarps][kChunk]
+  const Shape& s = p.shape;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int tig = lane & 3;
+  const int group_size = s.hq / s.hkv, bs = s.block_size, top_k = s.top_k;
+  const float scale_log2 = device::kLog2e / sqrtf(static_cast<float>(kD));
+
+  // CTA -> (b, kv head, token tile), the latest (heaviest) tiles first.
+  const int tile_tokens = p.per_query_block ? bs : kWarps * kTokens;
+  const int n_tiles = (s.sq + tile_tokens - 1) / tile_tokens;
+  int64_t cta = blockIdx.x;
+  const int tile = n_tiles - 1 - static_cast<int>(cta % n_tiles);
+  cta /= n_tiles;
+  const int kvh = static_cast<int>(cta % s.hkv);
+  const int b = static_cast<int>(cta / s.hkv);
+  const int t_begin = tile * tile_tokens;
+  const int t_end = min(s.sq, t_begin + tile_tokens);
+  const int n_blocks_cta = min(p.n_blocks, static_cast<int>((s.q_start + t_end - 1) / bs) + 1);
+  const int n_chunks = (n_blocks_cta + kChunk - 1) / kChunk;
+  const int64_t head_rows = (static_cast<int64_t>(b) * s.hkv + kvh) * p.n_blocks * kD;
+  const __nv_bfloat16* hi = p.pooled_hi + head_rows;
+  const __nv_bfloat16* lo = p.pooled_lo + head_rows;
+  const uint32_t buffers = device::smem_address(smem);
+  const int n_query_blocks = (s.sq + bs - 1) / bs;
+  float* block_row = p.per_query_block
+                         ? p.block_scores + ((static_cast<int64_t>(b) * s.hkv + kvh) * n_query_blocks + tile) * p.n_blocks
+                         : nullptr;
+
+  const int per_round = kWarps * kTokens;
+  const int rounds = (t_end - t_begin + per_round - 1) / per_round;
+  for (int round = 0; round < rounds; ++round) {
+    int token[kTokens], n_causal[kTokens], rows_valid[kUnits];
+    uint32_t qf[kUnits][kD / 16][4];
+#pragma unroll
+    for (int i = 0; i < kTokens; ++i) {
+      token[i] = t_begin + round * per_round + warp * kTokens + i;
+      const bool valid = token[i] < t_end;
+      n_causal[i] = valid ? static_cast<int>((s.q_start + token[i]) / bs) + 1 : 0;
+#pragma unroll
+      for (int ms = 0; ms < kMT; ++ms) {
+        const int u = i * kMT + ms;
+        rows_valid[u] = valid ? min(16, group_size - ms * 16) : 0;
+        const int64_t row0 = (static_cast<int64_t>(b) * s.sq + (valid ? token[i] : 0)) * s.hq + kvh * group_size + ms * 16;
+        device::load_a_rows<kD>(qf[u], p.q + row0 * kD, rows_valid[u], lane);
+      }
+    }
+
+    // Pass 1: per-thread running max / sum of its columns, rows group and group + 8.
+    float m[kUnits][2], l[kUnits][2];
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) m[u][0] = m[u][1] = -INFINITY, l[u][0] = l[u][1] = 0.f;
+    stream_chunks<kD>(n_chunks, p.n_blocks, false, hi, lo, buffers, [&](int c, uint32_t hi_tile, uint32_t) {
+      for (int pair = 0; pair < kChunk / 16; ++pair) {
+        const int j0 = c * kChunk + pair * 16;
+        if (j0 >= n_blocks_cta) break;
+        float sc[kUnits][2][4] = {};
+#pragma unroll
+        for (int ks = 0; ks < kD / 16; ++ks) {
+          uint32_t bf[4];
+          device::ldmatrix_x4(bf, device::ldm_rows_as_n<kD>(hi_tile + pair * 16 * kD * 2, lane, ks));
+#pragma unroll
+          for (int u = 0; u < kUnits; ++u) {
+            device::mma_bf16(sc[u][0], qf[u][ks], bf[0], bf[1]);
+            device::mma_bf16(sc[u][1], qf[u][ks], bf[2], bf[3]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int j = j0 + nt * 8 + tig * 2 + (e & 1);
+              if (j >= n_causal[u / kMT]) continue;
+              const float x = sc[u][nt][e] * scale_log2;
+              float& mr = m[u][e >> 1];
+              float& lr = l[u][e >> 1];
+              if (x > mr) {
+                lr *= exp2f(mr - x);
+                mr = x;
+              }
+              lr += exp2f(x - mr);
+            }
+      }
+    });
+    // Row normalisers: combine the quad's partial (max, sum).
+    float m_use[kUnits][2], inv_l[kUnits][2];
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float mx = device::quad_max(m[u][r]);
+        const float part = m[u][r] == -INFINITY ? 0.f : l[u][r] * exp2f(m[u][r] - mx);
+        const float sum = device::quad_sum(part);
+        const bool row_ok = (lane >> 2) + 8 * r < rows_valid[u] && sum > 0.f;
+        m_use[u][r] = row_ok ? mx : 0.f;
+        inv_l[u][r] = row_ok ? 1.f / sum : 0.f;
+      }
+
+    // Pass 2: group-summed probabilities -> running top-k (or the query block's row).
+    TopK best[kTokens];
+    float thr[kTokens];
+#pragma unroll
+    for (int i = 0; i < kTokens; ++i) {
+      best[i].init(lane, n_causal[i] - 1);
+      thr[i] = best[i].threshold(top_k);
+    }
+    stream_chunks<kD>(n_chunks, p.n_blocks, true, hi, lo, buffers, [&](int c, uint32_t hi_tile, uint32_t lo_tile) {
+      for (int pair = 0; pair < kChunk / 16; ++pair) {
+        const int j0 = c * kChunk + pair * 16;
+        if (j0 >= n_blocks_cta) break;
+        float sc[kUnits][2][4] = {};
+#pragma unroll
+        for (int ks = 0; ks < kD / 16; ++ks) {
+          uint32_t bh[4], bl[4];
+          device::ldmatrix_x4(bh, device::ldm_rows_as_n<kD>(hi_tile + pair * 16 * kD * 2, lane, ks));
+          device::ldmatrix_x4(bl, device::ldm_rows_as_n<kD>(lo_tile + pair * 16 * kD * 2, lane, ks));
+#pragma unroll
+          for (int u = 0; u < kUnits; ++u) {
+            device::mma_bf16(sc[u][0], qf[u][ks], bh[0], bh[1]);
+            device::mma_bf16(sc[u][1], qf[u][ks], bh[2], bh[3]);
+            device::mma_bf16(sc[u][0], qf[u][ks], bl[0], bl[1]);
+            device::mma_bf16(sc[u][1], qf[u][ks], bl[2], bl[3]);
+          }
+        }
+        float warp_sum[2][2] = {};  // query-block mode: this warp's tokens summed
+#pragma unroll
+        for (int i = 0; i < kTokens; ++i) {
+          // v[nt][e]: column nt * 8 + tig * 2 + e summed over the token's heads.
+          float v[2][2] = {};
+#pragma unroll
+          for (int ms = 0; ms < kMT; ++ms) {
+            const int u = i * kMT + ms;
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int j = j0 + nt * 8 + tig * 2 + (e & 1);
+                const float prob = j < n_causal[i]
+                                       ? exp2f(fmaf(sc[u][nt][e], scale_log2, -m_use[u][e >> 1])) * inv_l[u][e >> 1]
+                                       : 0.f;
+                v[nt][e & 1] += prob;
+              }
+          }
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              v[nt][e] += __shfl_xor_sync(kFull, v[nt][e], 4);
+              v[nt][e] += __shfl_xor_sync(kFull, v[nt][e], 8);
+              v[nt][e] += __shfl_xor_sync(kFull, v[nt][e], 16);
+              warp_sum[nt][e] += v[nt][e];
+            }
+          if (p.per_query_block) continue;
+          const int own = n_causal[i] - 1;
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            const int jt = j0 + nt * 8 + tig * 2;
+            const bool want = (jt < n_causal[i] && jt != own && v[nt][0] > thr[i]) ||
+                              (jt + 1 < n_causal[i] && jt + 1 != own && v[nt][1] > thr[i]);
+            if (!__any_sync(kFull, want)) continue;
+            // Ascending block order keeps the tie rule (lower id first).
+            for (int src = 0; src < 4; ++src)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const float score = __shfl_sync(kFull, v[nt][e], src);
+                const int j = j0 + nt * 8 + src * 2 + e;
+                if (j < n_causal[i] && j != own && score > thr[i]) {
+                  best[i].insert(score, j, lane);
+                  thr[i] = best[i].threshold(top_k);
+                }
+              }
+          }
+        }
+        if (p.per_query_block && lane < 4) {
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) colsum[warp * kChunk + pair * 16 + nt * 8 + tig * 2 + e] = warp_sum[nt][e];
+        }
+      }
+      if (p.per_query_block) {
+        __syncthreads();
+        if (warp == 0) {
+          for (int col = lane; col < kChunk; col += 32) {
+            const int j = c * kChunk + col;
+            if (j >= n_blocks_cta) break;
+            float total = 0.f;
+            for (int w2 = 0; w2 < kWarps; ++w2) total += colsum[w2 * kChunk + col];
+            block_row[j] = round == 0 ? total : block_row[j] + total;
+          }
+        }
+      }
+    });
+    if (!p.per_query_block) {
+#pragma unroll
+      for (int i = 0; i < kTokens; ++i) {
+        if (n_causal[i] == 0) continue;
+        int32_t* out = p.block_ids + ((static_cast<int64_t>(b) * s.sq + token[i]) * s.hkv + kvh) * top_k;
+        best[i].write_sorted(out, top_k, lane);
+      }
+    }
+  }
+  if (!p.per_query_block) return;
+
+  // Query-block mode: rank the block's row (warp 0), then copy the set to its tokens.
+  int32_t* chosen = reinterpret_cast<int32_t*>(colsum);  // reuse: [top_k]
+  __syncthreads();
+  if (warp == 0) {
+    const int n_causal = static_cast<int>((s.q_start + t_begin) / bs) + 1;
+    const int own = n_causal - 1;
+    TopK best;
+    best.init(lane, own);
+    float thr = best.threshold(top_k);
+    for (int base = 0; base < n_causal; base += 32) {
+      const int j = base + lane;
+      const float v = j < n_causal ? block_row[j] : -1.f;
+      unsigned want = __ballot_sync(kFull, j < n_causal && j != own && v > thr);
+      while (want != 0) {
+        const int src = __ffs(want) - 1;
+        want &= want - 1;
+        const float score = __shfl_sync(kFull, v, src);
+        if (score > thr) {
+          best.insert(score, base + src, lane);
+          thr = best.threshold(top_k);
+        }
+      }
+    }
+    best.write_sorted(chosen, top_k, lane);
+  }
+  __syncthreads();
+  const int n = (t_end - t_begin) * top_k;
+  for (int i = threadIdx.x; i < n; i += kWarps * 32) {
+    const int t = t_begin + i / top_k, slot = i % top_k;
+    p.block_ids[((static_cast<int64_t>(b) * s.sq + t) * s.hkv + kvh) * top_k + slot] = chosen[slot];
+  }
+}
+
+template <int kD, int kMT>
+cudaError_t launch(const SelectParams& p, cudaStream_t stream) {
+  using C = SelectConfig<kD, kMT>;
+  const Shape& s = p.shape;
+  const int tile_tokens = p.per_query_block ? s.block_size : kWarps * C::kTokens;
+  const int64_t ctas = static_cast<int64_t>(s.batch) * s.hkv * ((s.sq + tile_tokens - 1) / tile_tokens);
+  if (ctas == 0) return cudaSuccess;
+  cudaError_t err = cudaFuncSetAttribute(select_kernel<kD, kMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+  if (err != cudaSuccess) return err;
+  select_kernel<kD, kMT><<<static_cast<unsigned>(ctas), kWarps * 32, C::kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_select(const SelectParams& p, cudaStream_t stream) {
+  const int group = p.shape.group();
+  if (group < 1 || group > kMaxGroup || p.shape.top_k < 1 || p.shape.top_k > kMaxTopK) return cudaErrorInvalidValue;
+  const bool two = group > 16;
+  switch (p.shape.head_dim) {
+    case 64: return two ? launch<64, 2>(p, stream) : launch<64, 1>(p, stream);
+    case 128: return two ? launch<128, 2>(p, stream) : launch<128, 1>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace ssa::kernels::cuda

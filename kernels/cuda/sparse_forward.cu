@@ -1,0 +1,180 @@
+// Block-sparse attention forward. One warp per (batch, token, kv head, tile of 16
+// query heads): the G heads of the kv group are the M dimension of the mma, the
+// selected blocks are walked in tiles of 16 keys (each tile: S = Q K^T [16 x 16],
+// online softmax, O += P V), with a private cp.async pipeline of kStages tiles of
+// K and V in shared memory. fp32 accumulation; o in bf16, lse in fp32 (natural log).
+#include <cuda_bf16.h>
+
+#include <cmath>
+
+#include "kernels/cuda/mma.cuh"
+#include "kernels/cuda/params.cuh"
+#include "kernels/cuda/sparse_tiles.cuh"
+
+namespace ssa::kernels::cuda {
+namespace {
+
+using device::KeyTile;
+using device::TileWalker;
+
+constexpr int kWarps = 4;
+
+template <int kD>
+__host__ __device__ constexpr int stages_for() {
+  return kD == 64 ? 3 : 2;
+}
+template <int kD>
+__host__ __device__ constexpr int tile_bytes() {
+  return kKeyTile * kD * 2;
+}
+template <int kD>
+__host__ __device__ constexpr int smem_bytes() {
+  return kWarps * stages_for<kD>() * 2 * tile_bytes<kD>();
+}
+
+template <int kD>
+__global__ void __launch_bounds__(kWarps * 32) sparse_forward_kernel(const ForwardParams p) {
+  constexpr int kStages = stages_for<kD>();
+  constexpr int kStageBytes = 2 * tile_bytes<kD>();  // K tile then V tile
+  extern __shared__ __align__(128) unsigned char smem[];
+  const Shape& s = p.shape;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int group_size = s.hq / s.hkv, mtiles = (group_size + 15) / 16;
+
+  // Warp -> (b, kv head, token, head tile); neighbouring warps share kv head and
+  // neighbouring tokens, which select mostly the same blocks (L2 reuse).
+  int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (w >= static_cast<int64_t>(s.batch) * s.hkv * s.sq * mtiles) return;
+  const int mt = static_cast<int>(w % mtiles);
+  w /= mtiles;
+  const int t = static_cast<int>(w % s.sq);
+  w /= s.sq;
+  const int kvh = static_cast<int>(w % s.hkv);
+  const int b = static_cast<int>(w / s.hkv);
+  const int64_t qpos = s.q_start + t;
+  const int head0 = kvh * group_size + mt * 16;
+  const int rows_valid = min(16, group_size - mt * 16);
+  const int group = lane >> 2, tig = lane & 3;
+  const float scale_log2 = device::kLog2e / sqrtf(static_cast<float>(kD));
+
+  uint32_t qf[kD / 16][4];
+  device::load_a_rows<kD>(qf, p.q + ((static_cast<int64_t>(b) * s.sq + t) * s.hq + head0) * kD, rows_valid, lane);
+
+  const int64_t k_lo = s.k_start, k_hi = s.k_start + s.sk;
+  const int64_t row_stride = static_cast<int64_t>(s.hkv) * kD;
+  const int64_t head_offset = static_cast<int64_t>(b) * s.sk * row_stride + static_cast<int64_t>(kvh) * kD;
+  const __nv_bfloat16* k_head = p.k + head_offset;
+  const __nv_bfloat16* v_head = p.v + head_offset;
+  const int32_t* ids = p.block_ids + ((static_cast<int64_t>(b) * s.sq + t) * s.hkv + kvh) * s.top_k;
+  TileWalker loader{ids, s.top_k, s.block_size, k_lo, k_hi, qpos};
+  TileWalker walker = loader;
+  const uint32_t stage0 = device::smem_address(smem) + warp * kStages * kStageBytes;
+
+  auto stage = [&](int slot, const KeyTile& tile) {
+    const uint32_t base = stage0 + slot * kStageBytes;
+    device::stage_rows<kD>(base, k_head, row_stride, tile.start, k_lo, k_hi, lane);
+    device::stage_rows<kD>(base + tile_bytes<kD>(), v_head, row_stride, tile.start, k_lo, k_hi, lane);
+  };
+  KeyTile next_tile;
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (loader.next(next_tile)) stage(i, next_tile);
+    device::cp_async_commit();
+  }
+
+  float acc[kD / 8][4];
+#pragma unroll
+  for (int i = 0; i < kD / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY};  // running row max (log2 domain), rows group, group + 8
+  float l[2] = {0.f, 0.f};              // this thread's part of the row sums
+
+  KeyTile tile;
+  for (int it = 0; walker.next(tile); ++it) {
+    device::cp_async_wait<kStages - 2>();
+    __syncwarp();
+    if (loader.next(next_tile)) stage((it + kStages - 1) % kStages, next_tile);
+    device::cp_async_commit();
+    const uint32_t k_tile = stage0 + (it % kStages) * kStageBytes;
+    const uint32_t v_tile = k_tile + tile_bytes<kD>();
+
+    float sc[2][4];
+    device::mma_a_tile_t<kD>(sc, qf, k_tile, lane);
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t kp = tile.start + nt * 8 + tig * 2 + (e & 1);
+        const bool valid = kp >= tile.lo && kp < tile.hi && kp <= qpos;
+        sc[nt][e] = valid ? sc[nt][e] * scale_log2 : -INFINITY;
+        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], sc[nt][e]);
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float m_new = fmaxf(m[r], device::quad_max(tile_max[r]));
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
+      const float alpha = exp2f(m[r] - m_use);
+      m[r] = m_new;
+      l[r] *= alpha;
+#pragma unroll
+      for (int i = 0; i < kD / 8; ++i) {
+        acc[i][2 * r] *= alpha;
+        acc[i][2 * r + 1] *= alpha;
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        sc[nt][2 * r] = exp2f(sc[nt][2 * r] - m_use);
+        sc[nt][2 * r + 1] = exp2f(sc[nt][2 * r + 1] - m_use);
+        l[r] += sc[nt][2 * r] + sc[nt][2 * r + 1];
+      }
+    }
+    uint32_t pa[4];
+    device::c_to_a(pa, sc[0], sc[1]);
+    device::mma_p_tile<kD>(acc, pa, v_tile, lane);
+  }
+  device::cp_async_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = group + 8 * r;
+    if (row >= rows_valid) continue;
+    const float sum = device::quad_sum(l[r]);  // all lanes of the quad take part (row test is per quad)
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    __nv_bfloat16* o_row = p.out + ((static_cast<int64_t>(b) * s.sq + t) * s.hq + head0 + row) * kD + tig * 2;
+#pragma unroll
+    for (int i = 0; i < kD / 8; ++i) {
+      *reinterpret_cast<uint32_t*>(o_row + i * 8) = device::pack_bf16(acc[i][2 * r] * inv, acc[i][2 * r + 1] * inv);
+    }
+    if (tig == 0) {
+      p.lse[(static_cast<int64_t>(b) * s.hq + head0 + row) * s.sq + t] =
+          sum > 0.f ? (m[r] + log2f(sum)) * device::kLn2 : -INFINITY;
+    }
+  }
+}
+
+template <int kD>
+cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
+  const Shape& s = p.shape;
+  const int64_t warps = static_cast<int64_t>(s.batch) * s.hkv * s.sq * ((s.group() + 15) / 16);
+  if (warps == 0) return cudaSuccess;
+  const int64_t blocks = (warps + kWarps - 1) / kWarps;
+  cudaError_t err = cudaFuncSetAttribute(sparse_forward_kernel<kD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         smem_bytes<kD>());
+  if (err != cudaSuccess) return err;
+  sparse_forward_kernel<kD><<<static_cast<unsigned>(blocks), kWarps * 32, smem_bytes<kD>(), stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_sparse_forward(const ForwardParams& p, cudaStream_t stream) {
+  switch (p.shape.head_dim) {
+    case 64: return launch<64>(p, stream);
+    case 128: return launch<128>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace ssa::kernels::cuda

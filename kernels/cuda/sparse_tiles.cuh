@@ -1,0 +1,137 @@
+#pragma once
+// Walking the selected key blocks of one (token, kv head) in tiles of kKeyTile
+// keys, and staging those tiles into a warp's shared memory. Shared by the sparse
+// forward and the dq backward kernel.
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/mma.cuh"
+#include "kernels/cuda/params.cuh"
+
+namespace ssa::kernels::cuda::device {
+
+// One tile of kKeyTile consecutive key positions [start, start + 16); the keys in
+// [lo, hi) belong to the selected block and to this k chunk, the others are masked.
+struct KeyTile {
+  int64_t start = 0;
+  int64_t lo = 0;
+  int64_t hi = 0;
+};
+
+// Yields, in slot order, the tiles of the selected blocks that hold at least one
+// key of the chunk [k_lo, k_hi) at or before q_max. Ids < 0 are skipped. Every
+// lane of a warp walks the same sequence (warp-uniform loads and branches).
+struct TileWalker {
+  const int32_t* ids;  // [top_k] block ids of this (token, kv head)
+  int top_k;
+  int block_size;
+  int64_t k_lo, k_hi;  // positions held by k/v
+  int64_t q_max;       // causal limit: last position any row may see
+  int slot = -1;
+  int sub = 0, sub_end = 0;
+  int64_t block_start = 0, block_lo = 0, block_hi = 0;
+
+  __device__ bool next(KeyTile& tile) {
+    while (sub >= sub_end) {
+      if (++slot >= top_k) return false;
+      const int id = ids[slot];
+      if (id < 0) continue;
+      block_start = static_cast<int64_t>(id) * block_size;
+      block_lo = block_start > k_lo ? block_start : k_lo;
+      const int64_t end = block_start + block_size;
+      block_hi = end < k_hi ? end : k_hi;
+      const int64_t visible_hi = block_hi < q_max + 1 ? block_hi : q_max + 1;
+      if (block_lo >= visible_hi) continue;
+      sub = static_cast<int>((block_lo - block_start) / kKeyTile);
+      sub_end = static_cast<int>((visible_hi - block_start + kKeyTile - 1) / kKeyTile);
+    }
+    tile.start = block_start + static_cast<int64_t>(sub) * kKeyTile;
+    tile.lo = block_lo;
+    tile.hi = block_hi;
+    ++sub;
+    return true;
+  }
+};
+
+// Copies rows [start, start + 16) of one head of k-like memory into a swizzled
+// [16, kD] tile (cp.async, one group per call site). Rows outside [k_lo, k_hi)
+// are zero-filled. head_base points at row k_start of the head; rows are
+// row_stride elements apart.
+template <int kD>
+__device__ __forceinline__ void stage_rows(uint32_t tile, const __nv_bfloat16* head_base, int64_t row_stride,
+                                           int64_t start, int64_t k_lo, int64_t k_hi, int lane) {
+  constexpr int kChunks = kD / 8;  // 16-byte chunks per row
+#pragma unroll
+  for (int i = 0; i < kKeyTile * kChunks / 32; ++i) {
+    const int c = lane + 32 * i;
+    const int row = c / kChunks, chunk = c % kChunks;
+    const int64_t pos = start + row;
+    const bool valid = pos >= k_lo && pos < k_hi;
+    const __nv_bfloat16* src = valid ? head_base + (pos - k_lo) * row_stride + chunk * 8 : head_base;
+    cp_async_16(tile + tile_offset<kD>(row, chunk), src, valid);
+  }
+}
+
+// Copies 16 consecutive rows of kD elements (row r at rows + r * kD, the G heads
+// of one token) into a swizzled [16, kD] tile; rows >= rows_valid are zero-filled.
+template <int kD>
+__device__ __forceinline__ void stage_head_rows(uint32_t tile, const __nv_bfloat16* rows, int rows_valid, int lane) {
+  constexpr int kChunks = kD / 8;
+#pragma unroll
+  for (int i = 0; i < 16 * kChunks / 32; ++i) {
+    const int c = lane + 32 * i;
+    const int row = c / kChunks, chunk = c % kChunks;
+    const bool valid = row < rows_valid;
+    cp_async_16(tile + tile_offset<kD>(row, chunk), valid ? rows + row * kD + chunk * 8 : rows, valid);
+  }
+}
+
+// A fragments of 16 rows (row r at rows + r * kD, rows >= rows_valid are zero)
+// read straight from global memory: [kD / 16 k-steps][4 registers].
+template <int kD>
+__device__ __forceinline__ void load_a_rows(uint32_t (&f)[kD / 16][4], const __nv_bfloat16* rows, int rows_valid,
+                                            int lane) {
+  const int group = lane >> 2, tig = lane & 3;
+  const bool lo_ok = group < rows_valid, hi_ok = group + 8 < rows_valid;
+  const uint32_t* r0 = reinterpret_cast<const uint32_t*>(rows + group * kD + tig * 2);
+  const uint32_t* r1 = reinterpret_cast<const uint32_t*>(rows + (group + 8) * kD + tig * 2);
+#pragma unroll
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    f[ks][0] = lo_ok ? __ldg(r0 + ks * 8) : 0u;
+    f[ks][1] = hi_ok ? __ldg(r1 + ks * 8) : 0u;
+    f[ks][2] = lo_ok ? __ldg(r0 + ks * 8 + 4) : 0u;
+    f[ks][3] = hi_ok ? __ldg(r1 + ks * 8 + 4) : 0u;
+  }
+}
+
+// S [16 rows x 16 keys] = A (fragments a) x tile^T, tile rows are keys.
+template <int kD>
+__device__ __forceinline__ void mma_a_tile_t(float (&s)[2][4], const uint32_t (&a)[kD / 16][4], uint32_t tile,
+                                             int lane) {
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    uint32_t b[4];
+    ldmatrix_x4(b, ldm_rows_as_n<kD>(tile, lane, ks));
+    mma_bf16(s[0], a[ks], b[0], b[1]);
+    mma_bf16(s[1], a[ks], b[2], b[3]);
+  }
+}
+
+// acc [16 x kD] += P (A fragment over the 16 keys) x tile, tile rows are keys.
+template <int kD>
+__device__ __forceinline__ void mma_p_tile(float (&acc)[kD / 8][4], const uint32_t (&p)[4], uint32_t tile, int lane) {
+#pragma unroll
+  for (int dn = 0; dn < kD / 16; ++dn) {
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, ldm_rows_as_k<kD>(tile, lane, dn));
+    mma_bf16(acc[2 * dn], p, b[0], b[1]);
+    mma_bf16(acc[2 * dn + 1], p, b[2], b[3]);
+  }
+}
+
+}  // namespace ssa::kernels::cuda::device

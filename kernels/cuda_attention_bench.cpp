@@ -1,0 +1,133 @@
+// `ssa attn bench`: the sparse path (selection, forward, forward + backward) and
+// cuDNN dense causal attention on the same shapes, timed with CUDA events.
+// FLOPs: dense causal forward 2 B Hq S^2 D (half of 4 B Hq S^2 D); sparse forward
+// 4 D per (query head, visible selected key); forward + backward 3.5x forward
+// (the usual count: recomputed products not counted). Selection: 2 D per (query
+// head, causal block) for the logits.
+#include "kernels/cuda_attention_tools.h"
+
+#ifdef SSA_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <cuda_runtime_api.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <vector>
+
+#include "kernels/cuda_launch.h"
+
+namespace ssa::kernels::cuda {
+namespace {
+
+// Median milliseconds of fn over iters runs after warmup runs.
+double time_ms(const std::function<void()>& fn, int warmup, int iters) {
+  for (int i = 0; i < warmup; ++i) fn();
+  SSA_CUDA_CHECK(cudaDeviceSynchronize());
+  cudaEvent_t start, stop;
+  SSA_CUDA_CHECK(cudaEventCreate(&start));
+  SSA_CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<float> times;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (int i = 0; i < iters; ++i) {
+    SSA_CUDA_CHECK(cudaEventRecord(start, stream));
+    fn();
+    SSA_CUDA_CHECK(cudaEventRecord(stop, stream));
+    SSA_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    SSA_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms);
+  }
+  SSA_CUDA_CHECK(cudaEventDestroy(start));
+  SSA_CUDA_CHECK(cudaEventDestroy(stop));
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+// (query head, key) pairs the sparse kernels compute: selected keys <= the query.
+double visible_pairs(const at::Tensor& ids, int64_t block_size, int64_t group) {
+  const at::Tensor idl = ids.to(at::kLong);
+  const at::Tensor pos = at::arange(ids.size(1), idl.options()).view({1, -1, 1, 1});
+  const at::Tensor keys = at::clamp(at::minimum(pos - idl * block_size + 1, at::full_like(idl, block_size)), 0);
+  return at::where(idl >= 0, keys, at::zeros_like(keys)).sum().item<double>() * static_cast<double>(group);
+}
+
+BenchRow row(const std::string& name, double ms, double flops, double bytes) {
+  return {name, ms, flops / (ms * 1e-3) / 1e12, bytes / (ms * 1e-3) / 1e9};
+}
+
+}  // namespace
+
+BenchReport run_bench(const BenchShape& shape, int warmup, int iters) {
+  const int64_t b = shape.batch, s = shape.seq, hq = shape.heads, hkv = shape.kv_heads, d = shape.head_dim;
+  const int64_t group = hq / hkv, bs = shape.options.block_size, top_k = shape.options.top_k;
+  SparseOptions opt = shape.options;
+  opt.backend = Backend::kCuda;
+  const auto bf16 = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  at::manual_seed(0);
+  const at::Tensor q = at::randn({b, s, hq, d}, bf16), k = at::randn({b, s, hkv, d}, bf16),
+                   v = at::randn({b, s, hkv, d}, bf16), dout = at::randn({b, s, hq, d}, bf16);
+  const double e = 2.0;  // bytes per bf16 element
+  const double q_bytes = static_cast<double>(b * s * hq * d) * e, kv_bytes = static_cast<double>(b * s * hkv * d) * e;
+  const double ids_bytes = static_cast<double>(b * s * hkv * top_k) * 4, lse_bytes = static_cast<double>(b * s * hq) * 4;
+  BenchReport report;
+
+  // Selection: pooling (reference ops) plus the CUDA ranking kernel.
+  at::Tensor ids;
+  const double ms_select = time_ms([&] { ids = select_blocks(q, pool_keys(k, bs), opt); }, warmup, iters);
+  const double nb = static_cast<double>((s + bs - 1) / bs);
+  const double causal_blocks = static_cast<double>(b) * static_cast<double>(s) * (nb + 1) / 2;  // about
+  report.rows.push_back(row("select (pool + rank)", ms_select, 2.0 * d * hq * causal_blocks, q_bytes + kv_bytes + ids_bytes));
+
+  const double pairs = visible_pairs(ids, bs, group);
+  const double causal_pairs = static_cast<double>(b * hq) * static_cast<double>(s) * static_cast<double>(s + 1) / 2;
+  report.kept_pairs = pairs / causal_pairs;
+  const double fwd_flops = 4.0 * d * pairs;
+  const double fwd_bytes = 2 * q_bytes + 2 * kv_bytes + ids_bytes + lse_bytes;  // q, k, v, ids in; o, lse out
+  const double bwd_bytes = fwd_bytes + 3 * q_bytes + 2 * kv_bytes + lse_bytes;  // + do, o, lse in; dq, dk, dv out
+  {
+    at::NoGradGuard no_grad;
+    const double ms = time_ms([&] { sparse_attention(q, k, v, ids, opt); }, warmup, iters);
+    report.rows.push_back(row("sparse fwd", ms, fwd_flops, fwd_bytes));
+  }
+  const at::Tensor qg = q.detach().requires_grad_(true), kg = k.detach().requires_grad_(true),
+                   vg = v.detach().requires_grad_(true);
+  auto fwd_bwd = [&](const at::Tensor& block_ids) {
+    const AttentionResult r = sparse_attention(qg, kg, vg, block_ids, opt);
+    torch::autograd::grad({r.out}, {qg, kg, vg}, {dout});
+  };
+  const double ms_fb = time_ms([&] { fwd_bwd(ids); }, warmup, iters);
+  report.rows.push_back(row("sparse fwd+bwd", ms_fb, 3.5 * fwd_flops, bwd_bytes));
+  const double ms_total = time_ms([&] { fwd_bwd(select_blocks(q, pool_keys(k, bs), opt)); }, warmup, iters);
+  report.rows.push_back(row("sparse total: select+fwd+bwd", ms_total, 3.5 * fwd_flops, bwd_bytes));
+
+  // cuDNN dense causal attention, GQA by expanding k/v to every query head
+  // (outside the timed region). Layout [B, H, S, D].
+  const at::Tensor qh = q.transpose(1, 2).contiguous();
+  const at::Tensor kh = k.repeat_interleave(group, 2).transpose(1, 2).contiguous();
+  const at::Tensor vh = v.repeat_interleave(group, 2).transpose(1, 2).contiguous();
+  const at::Tensor doh = dout.transpose(1, 2).contiguous();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const double dense_flops = 2.0 * static_cast<double>(b * hq) * static_cast<double>(s) * static_cast<double>(s) * d;
+  const double dense_fwd_bytes = 2 * q_bytes + 2 * q_bytes + lse_bytes;  // expanded k, v count as read
+  {
+    at::NoGradGuard no_grad;
+    const double ms = time_ms([&] { at::_scaled_dot_product_cudnn_attention(qh, kh, vh, {}, true, 0.0, true, false, scale); },
+                              warmup, iters);
+    report.rows.push_back(row("cuDNN dense fwd", ms, dense_flops, dense_fwd_bytes));
+  }
+  const at::Tensor qhg = qh.detach().requires_grad_(true), khg = kh.detach().requires_grad_(true),
+                   vhg = vh.detach().requires_grad_(true);
+  const double ms_dense_fb = time_ms(
+      [&] {
+        const auto r = at::_scaled_dot_product_cudnn_attention(qhg, khg, vhg, {}, true, 0.0, true, false, scale);
+        torch::autograd::grad({std::get<0>(r)}, {qhg, khg, vhg}, {doh});
+      },
+      warmup, iters);
+  report.rows.push_back(row("cuDNN dense fwd+bwd", ms_dense_fb, 3.5 * dense_flops, 2 * dense_fwd_bytes + 4 * q_bytes));
+  return report;
+}
+
+}  // namespace ssa::kernels::cuda
+#endif  // SSA_WITH_CUDA

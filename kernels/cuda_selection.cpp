@@ -1,0 +1,91 @@
+// LibTorch side of the CUDA block selection and attention statistics.
+#include "kernels/cuda_attention.h"
+
+#ifdef SSA_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <fmt/format.h>
+
+#include <stdexcept>
+
+#include "kernels/cuda_launch.h"
+
+namespace ssa::kernels::cuda {
+
+at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const SparseOptions& options,
+                         int64_t q_start) {
+  const char* fn = "select_blocks";
+  at::NoGradGuard no_grad;  // the router receives no gradient
+  require_bf16(fn, "q", q);
+  if (!pooled.is_cuda() || pooled.device() != q.device() || pooled.dim() != 4) {
+    throw std::runtime_error(fmt::format("kernels::cuda::{}: pooled must be [B, Nb, Hkv, D] on {}", fn,
+                                         q.device().str()));
+  }
+  if (options.top_k > kMaxTopK) {
+    throw std::runtime_error(fmt::format("kernels::cuda::{}: top_k {} is above the CUDA kernel's limit {}", fn,
+                                         options.top_k, kMaxTopK));
+  }
+  // pooled [B, Nb, Hkv, D] is laid out like k for make_shape (Sk unused here).
+  const Shape shape = make_shape(fn, q, pooled, options.top_k, options.block_size, q_start, 0);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor ids = at::empty({q.size(0), q.size(1), pooled.size(2), options.top_k}, q.options().dtype(at::kInt));
+  if (q.size(1) == 0) return ids;
+
+  // fp32 pooled keys as hi + lo bf16 parts, [B, Hkv, Nb, D] each.
+  const at::Tensor pk = pooled.detach().to(at::kFloat).permute({0, 2, 1, 3}).contiguous();
+  const at::Tensor hi = pk.to(at::kBFloat16);
+  const at::Tensor lo = (pk - hi.to(at::kFloat)).to(at::kBFloat16);
+  const at::Tensor qc = q.detach().contiguous();
+  SelectParams p;
+  p.shape = shape;
+  p.n_blocks = to_int(fn, "Nb", pooled.size(1));
+  p.per_query_block = options.mode == SelectionMode::kQueryBlock;
+  p.q = bf16_ptr(qc);
+  p.pooled_hi = bf16_ptr(hi);
+  p.pooled_lo = bf16_ptr(lo);
+  at::Tensor scratch;
+  if (p.per_query_block) {
+    const int64_t n_query_blocks = (q.size(1) + options.block_size - 1) / options.block_size;
+    scratch = at::empty({q.size(0), pooled.size(2), n_query_blocks, pooled.size(1)}, q.options().dtype(at::kFloat));
+    p.block_scores = scratch.data_ptr<float>();
+  }
+  p.block_ids = ids.data_ptr<int32_t>();
+  SSA_CUDA_CHECK(launch_select(p, at::cuda::getCurrentCUDAStream()));
+  return ids;
+}
+
+AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_ids,
+                               int64_t block_size) {
+  const char* fn = "attention_stats";
+  at::NoGradGuard no_grad;
+  if (!q.is_cuda() || !k.is_cuda() || !block_ids.is_cuda()) {
+    throw std::runtime_error(fmt::format("kernels::cuda::{}: q, k and block_ids must be CUDA tensors", fn));
+  }
+  const Shape shape = make_shape(fn, q, k, block_ids.size(3), block_size, 0, 0);
+  const c10::cuda::CUDAGuard guard(q.device());
+  // Statistics only: other float dtypes are read as bf16, like the attention itself.
+  const at::Tensor qc = q.detach().to(at::kBFloat16).contiguous();
+  const at::Tensor kc = k.detach().to(at::kBFloat16).contiguous();
+  const at::Tensor ids = block_ids.to(at::kInt).contiguous();
+  at::Tensor sparsity = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  at::Tensor entropy = at::empty_like(sparsity);
+  StatsParams p;
+  p.shape = shape;
+  p.q = bf16_ptr(qc);
+  p.k = bf16_ptr(kc);
+  p.block_ids = ids.data_ptr<int32_t>();
+  p.sparsity = sparsity.data_ptr<float>();
+  p.entropy_bits = entropy.data_ptr<float>();
+  SSA_CUDA_CHECK(launch_stats(p, at::cuda::getCurrentCUDAStream()));
+  AttentionStats stats;
+  stats.count = sparsity.numel();
+  if (stats.count > 0) {
+    stats.sparsity = sparsity.sum(at::kDouble).item<double>() / static_cast<double>(stats.count);
+    stats.entropy_bits = entropy.sum(at::kDouble).item<double>() / static_cast<double>(stats.count);
+  }
+  return stats;
+}
+
+}  // namespace ssa::kernels::cuda
+#endif  // SSA_WITH_CUDA

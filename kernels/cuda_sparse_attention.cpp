@@ -1,0 +1,177 @@
+// LibTorch side of the CUDA block-sparse attention: checks, the autograd Function
+// (forward kernel; backward = prep, dq kernel, inverted index, dk/dv kernel), and
+// cuda::available().
+#include "kernels/cuda_attention.h"
+
+#ifdef SSA_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <fmt/format.h>
+
+#include <stdexcept>
+
+#include "kernels/cuda_launch.h"
+#include "kernels/cuda_sparse_index.h"
+
+namespace ssa::kernels::cuda {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+AttentionResult forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& block_ids, const Shape& shape) {
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  ForwardParams p;
+  p.shape = shape;
+  p.q = bf16_ptr(q);
+  p.k = bf16_ptr(k);
+  p.v = bf16_ptr(v);
+  p.block_ids = block_ids.data_ptr<int32_t>();
+  p.out = bf16_mut(out);
+  p.lse = lse.data_ptr<float>();
+  SSA_CUDA_CHECK(launch_sparse_forward(p, at::cuda::getCurrentCUDAStream()));
+  return {out, lse};
+}
+
+struct Gradients {
+  at::Tensor dq, dk, dv;
+};
+
+Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_ids,
+                           const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
+                           const at::Tensor& dlse, const Shape& shape, bool deterministic) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, f32);
+  at::Tensor lse_log2 = at::empty_like(delta);
+  BackwardPrepParams prep;
+  prep.shape = shape;
+  prep.out = bf16_ptr(out);
+  prep.dout = bf16_ptr(dout);
+  prep.lse = lse.data_ptr<float>();
+  prep.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
+  prep.delta = delta.data_ptr<float>();
+  prep.lse_log2 = lse_log2.data_ptr<float>();
+  SSA_CUDA_CHECK(launch_backward_prep(prep, stream));
+
+  Gradients g;
+  g.dq = at::empty_like(q);
+  BackwardDqParams dqp;
+  dqp.shape = shape;
+  dqp.q = bf16_ptr(q);
+  dqp.k = bf16_ptr(k);
+  dqp.v = bf16_ptr(v);
+  dqp.dout = bf16_ptr(dout);
+  dqp.block_ids = block_ids.data_ptr<int32_t>();
+  dqp.delta = delta.data_ptr<float>();
+  dqp.lse_log2 = lse_log2.data_ptr<float>();
+  dqp.dq = bf16_mut(g.dq);
+  SSA_CUDA_CHECK(launch_backward_dq(dqp, stream));
+
+  const InvertedIndex index = build_inverted_index(block_ids, shape);
+  BackwardDkdvParams kp;
+  kp.shape = shape;
+  kp.q = bf16_ptr(q);
+  kp.k = bf16_ptr(k);
+  kp.v = bf16_ptr(v);
+  kp.dout = bf16_ptr(dout);
+  kp.delta = delta.data_ptr<float>();
+  kp.lse_log2 = lse_log2.data_ptr<float>();
+  kp.entry_token = index.entry_token.data_ptr<int32_t>();
+  kp.item_bucket = index.item_bucket.data_ptr<int32_t>();
+  kp.item_begin = index.item_begin.data_ptr<int32_t>();
+  kp.item_end = index.item_end.data_ptr<int32_t>();
+  kp.n_items = index.n_items;
+  kp.tiles_per_block = index.tiles_per_block;
+  kp.token_chunk = index.token_chunk;
+  kp.n_token_chunks = index.n_token_chunks;
+  kp.block_first = index.block_first;
+  kp.blocks_per_chunk = index.blocks_per_chunk;
+  const int64_t d = q.size(3);
+  if (deterministic) {
+    // Partials per (item, key tile), summed in item order: identical bits every run.
+    at::Tensor partial_dk = at::empty({index.n_items * index.tiles_per_block, kKeyTile, d}, f32);
+    at::Tensor partial_dv = at::empty_like(partial_dk);
+    kp.partial_dk = partial_dk.data_ptr<float>();
+    kp.partial_dv = partial_dv.data_ptr<float>();
+    SSA_CUDA_CHECK(launch_backward_dkdv(kp, stream));
+    g.dk = at::empty_like(k);
+    g.dv = at::empty_like(v);
+    DkdvReduceParams rp;
+    rp.work = kp;
+    rp.bucket_item_begin = index.bucket_item_begin.data_ptr<int32_t>();
+    rp.dk = bf16_mut(g.dk);
+    rp.dv = bf16_mut(g.dv);
+    SSA_CUDA_CHECK(launch_dkdv_reduce(rp, stream));
+  } else {
+    at::Tensor dk_acc = at::zeros(k.sizes(), f32);
+    at::Tensor dv_acc = at::zeros(v.sizes(), f32);
+    kp.dk_acc = dk_acc.data_ptr<float>();
+    kp.dv_acc = dv_acc.data_ptr<float>();
+    SSA_CUDA_CHECK(launch_backward_dkdv(kp, stream));
+    g.dk = dk_acc.to(at::kBFloat16);
+    g.dv = dv_acc.to(at::kBFloat16);
+  }
+  return g;
+}
+
+// Autograd node: inputs q, k, v (bf16, contiguous), block_ids; outputs out, lse.
+class SparseAttentionFunction : public torch::autograd::Function<SparseAttentionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& block_ids, int64_t block_size, int64_t q_start, int64_t k_start,
+                               bool deterministic) {
+    const Shape shape = make_shape("sparse_attention", q, k, block_ids.size(3), block_size, q_start, k_start);
+    AttentionResult r = forward_kernel(q, k, v, block_ids, shape);
+    ctx->save_for_backward({q, k, v, block_ids, r.out, r.lse});
+    ctx->saved_data["block_size"] = block_size;
+    ctx->saved_data["q_start"] = q_start;
+    ctx->saved_data["k_start"] = k_start;
+    ctx->saved_data["deterministic"] = deterministic;
+    return {r.out, r.lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &block_ids = saved[3], &out = saved[4],
+                     &lse = saved[5];
+    const Shape shape = make_shape("sparse_attention backward", q, k, block_ids.size(3),
+                                   ctx->saved_data["block_size"].toInt(), ctx->saved_data["q_start"].toInt(),
+                                   ctx->saved_data["k_start"].toInt());
+    const c10::cuda::CUDAGuard guard(q.device());
+    at::Tensor dout = grads[0].defined() ? grads[0].to(at::kBFloat16).contiguous() : at::zeros_like(out);
+    at::Tensor dlse = grads[1].defined() ? grads[1].to(at::kFloat).contiguous() : at::Tensor();
+    Gradients g = backward_kernels(q, k, v, block_ids, out, lse, dout, dlse, shape,
+                                   ctx->saved_data["deterministic"].toBool());
+    return {g.dq, g.dk, g.dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+bool available() { return at::hasCUDA(); }
+
+AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                 int64_t k_start) {
+  const char* fn = "sparse_attention";
+  require_bf16(fn, "q", q);
+  require_bf16(fn, "k", k);
+  require_bf16(fn, "v", v);
+  make_shape(fn, q, k, block_ids.size(3), options.block_size, q_start, k_start);  // throws on unsupported shapes
+  if (block_ids.scalar_type() != at::kInt || block_ids.device() != q.device()) {
+    throw std::runtime_error(fmt::format("kernels::cuda::{}: block_ids must be int32 on {}", fn, q.device().str()));
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  const variable_list r = SparseAttentionFunction::apply(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                         block_ids.contiguous(), options.block_size, q_start, k_start,
+                                                         options.deterministic);
+  return {r[0], r[1]};
+}
+
+}  // namespace ssa::kernels::cuda
+#endif  // SSA_WITH_CUDA

@@ -1,0 +1,56 @@
+// Reference block-sparse attention: gathers, per (query, kv head), the keys and
+// values of the selected blocks and runs a masked softmax over them. Memory is
+// O(Sq * top_k * block_size) per head; nothing of size Sq * Sk is formed.
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <limits>
+
+#include "kernels/reference_attention.h"
+
+namespace ssa::kernels::reference {
+
+AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& block_ids, int64_t block_size, int64_t q_start, int64_t k_start) {
+  const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), d = q.size(3);
+  const int64_t sk = k.size(1), hkv = k.size(2), group = hq / hkv;
+  const int64_t top_k = block_ids.size(3), slots = top_k * block_size;
+  const at::ScalarType ct = compute_type(q.scalar_type());
+  if (sq == 0 || sk == 0) {
+    return {at::zeros_like(q, at::MemoryFormat::Contiguous),
+            at::full({b, hq, sq}, -std::numeric_limits<double>::infinity(), q.options().dtype(ct))};
+  }
+  const auto long_opts = q.options().dtype(at::kLong);
+
+  // Global key position of every slot: pos [B, Sq, Hkv, top_k, block_size].
+  const at::Tensor ids = block_ids.to(at::kLong).unsqueeze(-1);
+  const at::Tensor pos = ids * block_size + at::arange(block_size, long_opts);
+  const at::Tensor local = pos - k_start;  // row in this k/v chunk
+  const at::Tensor qpos = at::arange(q_start, q_start + sq, long_opts).view({1, sq, 1, 1, 1});
+  // A slot counts when its block is selected (id >= 0), the key lies in this
+  // chunk (which also drops the missing tail of a last partial block) and it is
+  // causal for the query (the mask inside the query's own block).
+  const at::Tensor valid = ((ids >= 0) & (local >= 0) & (local < sk) & (pos <= qpos)).reshape({b, sq, hkv, slots});
+
+  // Row of each slot in k laid out [B * Hkv * Sk, D]; invalid slots read row 0 of
+  // their (batch, head) and are masked out. The gather is an embedding lookup:
+  // its backward (a sort-based segment sum on CUDA) is deterministic, unlike the
+  // atomic index_add behind index_select.
+  const at::Tensor head_base =
+      (at::arange(b, long_opts).view({b, 1, 1, 1}) * hkv + at::arange(hkv, long_opts).view({1, 1, hkv, 1})) * sk;
+  const at::Tensor rows = head_base + local.reshape({b, sq, hkv, slots}).clamp(0, sk - 1);  // [B, Sq, Hkv, slots]
+  const at::Tensor k_rows = k.to(ct).permute({0, 2, 1, 3}).reshape({b * hkv * sk, d});
+  const at::Tensor v_rows = v.to(ct).permute({0, 2, 1, 3}).reshape({b * hkv * sk, d});
+  const at::Tensor kg = at::embedding(k_rows, rows);  // [B, Sq, Hkv, slots, D]
+  const at::Tensor vg = at::embedding(v_rows, rows);
+
+  // qg [B, Sq, Hkv, G, D] x kg^T -> scores [B, Sq, Hkv, G, slots]
+  const at::Tensor qg = q.to(ct).reshape({b, sq, hkv, group, d});
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const at::Tensor scores = at::matmul(qg, kg.transpose(-1, -2)).mul_(scale);
+  const MaskedSoftmax sm = masked_softmax(scores, valid.unsqueeze(3));
+  const at::Tensor out = at::matmul(sm.probs, vg);  // [B, Sq, Hkv, G, D]
+  return {out.reshape({b, sq, hq, d}).to(q.scalar_type()), sm.lse.reshape({b, sq, hq}).permute({0, 2, 1}).contiguous()};
+}
+
+}  // namespace ssa::kernels::reference

@@ -1,0 +1,204 @@
+#include "parallel/context_attention.h"
+
+#include <ATen/core/grad_mode.h>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <stdexcept>
+
+#include "parallel/error_check.h"
+#include "parallel/ring_attention.h"
+#include "parallel/selected_exchange.h"
+#include "parallel/zigzag.h"
+
+namespace ssa::parallel {
+namespace {
+
+std::string shape(const at::Tensor& t) {
+  return t.defined() ? fmt::format("[{}]", fmt::join(t.sizes(), ", ")) : std::string("undefined");
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t seq_len, int64_t cp,
+                  const kernels::SparseOptions& options, StreamRequest request) {
+  if (!request.full && !request.sparse) {
+    throw std::invalid_argument("parallel::attention_streams: the request asks for neither stream (full or sparse)");
+  }
+  if (!q.defined() || !k.defined() || !v.defined() || q.dim() != 4 || k.dim() != 4 || v.dim() != 4 ||
+      k.sizes() != v.sizes() || q.size(0) != k.size(0) || q.size(1) != k.size(1) || q.size(3) != k.size(3) ||
+      k.size(2) == 0 || q.size(2) % k.size(2) != 0) {
+    throw std::invalid_argument(fmt::format(
+        "parallel::attention_streams: need q [B, S_local, Hq, D] and k, v [B, S_local, Hkv, D] with Hq % Hkv == 0, "
+        "got q {}, k {}, v {}",
+        shape(q), shape(k), shape(v)));
+  }
+  if (seq_len <= 0 || seq_len % (2 * cp) != 0 || q.size(1) * cp != seq_len) {
+    throw std::invalid_argument(fmt::format(
+        "parallel::attention_streams: seq_len {} over cp = {} ranks: seq_len must be divisible by 2 * cp and each "
+        "rank must hold seq_len / cp = {} rows, got S_local = {}",
+        seq_len, cp, cp > 0 ? seq_len / cp : 0, q.size(1)));
+  }
+  if (request.sparse && cp > 1 && (seq_len / (2 * cp)) % options.block_size != 0) {
+    throw std::invalid_argument(fmt::format(
+        "parallel::attention_streams: the zigzag chunk of {} tokens (seq_len {} / (2 * cp {})) must be a multiple of "
+        "attention.block_size {}",
+        seq_len / (2 * cp), seq_len, cp, options.block_size));
+  }
+}
+
+// Selection over the global blocks: block means of every rank's chunks are
+// all-gathered (fp32, no gradient) and each local q chunk picks its top-k among
+// the blocks up to its own. Fills setup.block_ids and setup.needed; returns the
+// bytes this rank sent.
+int64_t select_global_blocks(RingSetup& setup, const at::Tensor& q, const at::Tensor& k) {
+  at::NoGradGuard no_grad;
+  const ZigzagLayout& z = setup.layout;
+  const int64_t c = z.chunk, bs = setup.options.block_size, nbc = c / bs;
+  // pooled_local [2, B, nbc, Hkv, D]: my slots 0 and 1.
+  const at::Tensor kd = k.detach();
+  const at::Tensor pooled_local =
+      at::stack({kernels::pool_keys(kd.narrow(1, 0, c), bs), kernels::pool_keys(kd.narrow(1, c, c), bs)}).contiguous();
+  setup.comm->ensure_device(q.device());
+  const at::Tensor gathered = setup.comm->all_gather(pooled_local);  // [2cp, B, nbc, Hkv, D], entry owner*2 + slot
+  std::vector<int64_t> order;
+  for (int64_t g = 0; g < z.chunks(); ++g) order.push_back(z.owner(g) * 2 + z.slot(g));
+  const at::Tensor index = at::tensor(order, at::TensorOptions().dtype(at::kLong)).to(q.device());
+  // [2cp, B, nbc, Hkv, D] in global chunk order -> [B, 2cp * nbc, Hkv, D]
+  const at::Tensor by_chunk = gathered.index_select(0, index);
+  const at::Tensor pooled = by_chunk.permute({1, 0, 2, 3, 4}).reshape(
+      {by_chunk.size(1), z.chunks() * nbc, by_chunk.size(3), by_chunk.size(4)});
+  std::vector<at::Tensor> chunk_of_block;
+  for (int64_t a = 0; a < 2; ++a) {
+    const int64_t g = z.global_chunk(a);
+    at::Tensor ids = kernels::select_blocks(q.detach().narrow(1, a * c, c), pooled.narrow(1, 0, (g + 1) * nbc),
+                                            setup.options, z.position(a));
+    setup.block_ids[static_cast<size_t>(a)] = ids;
+    // Chunk of every selected block, -1 slots to an extra bin.
+    const at::Tensor ids64 = ids.to(at::kLong);
+    chunk_of_block.push_back(at::where(ids64 >= 0, ids64.div(nbc, "floor"), at::full_like(ids64, z.chunks())).reshape({-1}));
+  }
+  // needed [2, 2cp]: one small copy to the host per layer.
+  std::vector<at::Tensor> counts;
+  for (const auto& t : chunk_of_block) counts.push_back(at::bincount(t, {}, z.chunks() + 1).narrow(0, 0, z.chunks()));
+  const at::Tensor needed = (at::stack(counts) > 0).to(at::kByte).to(at::kCPU).contiguous();
+  setup.needed.assign(needed.data_ptr<uint8_t>(), needed.data_ptr<uint8_t>() + needed.numel());
+  return pooled_local.numel() * pooled_local.element_size() * (z.cp - 1);
+}
+
+// Sparse stream alone: gather every rank's block bitmask, plan the selected-block
+// exchange, and pick the transport. Returns the bytes this rank sent for the masks.
+int64_t choose_sparse_transport(RingSetup& setup, const at::Tensor& k, SparseTransportChoice choice,
+                                bool with_backward) {
+  if (choice == SparseTransportChoice::kRing) {
+    setup.transport = SparseTransport::kRing;
+    return 0;
+  }
+  at::NoGradGuard no_grad;
+  const ZigzagLayout& z = setup.layout;
+  const int64_t nb = z.chunks() * (z.chunk / setup.options.block_size);
+  at::Tensor mask = at::zeros({nb}, k.options().dtype(at::kByte));
+  for (const auto& ids : setup.block_ids) {
+    const at::Tensor flat = ids.reshape({-1}).to(at::kLong);
+    mask.index_fill_(0, flat.masked_select(flat >= 0), 1);
+  }
+  const at::Tensor masks = setup.comm->all_gather(mask).view({z.cp, nb});
+  SelectedPlan plan = plan_selected(masks, z, setup.options.block_size, k.device());
+  const bool selected = choice == SparseTransportChoice::kSelectedBlocks ||
+                        selected_blocks_win(plan, k.element_size(), with_backward);
+  if (selected) {
+    setup.transport = SparseTransport::kSelectedBlocks;
+    for (size_t a = 0; a < 2; ++a) setup.compact_block_ids[a] = compact_block_ids(plan, setup.block_ids[a]);
+    setup.plan = std::move(plan);
+  } else {
+    setup.transport = SparseTransport::kRing;
+    setup.plan = std::move(plan);  // kept for its byte figures
+  }
+  return nb * (z.cp - 1);
+}
+
+}  // namespace
+
+const char* sparse_transport_name(SparseTransport transport) {
+  switch (transport) {
+    case SparseTransport::kNone: return "none";
+    case SparseTransport::kRing: return "ring";
+    case SparseTransport::kSelectedBlocks: return "selected_blocks";
+  }
+  return "?";
+}
+
+at::Tensor zigzag_slice(const at::Tensor& whole, int64_t dim, int64_t cp, int64_t cp_rank) {
+  if (cp < 1 || cp_rank < 0 || cp_rank >= cp || whole.size(dim) % (2 * cp) != 0) {
+    throw std::invalid_argument(fmt::format(
+        "parallel::zigzag_slice: length {} along dim {} must divide into 2 * cp = {} chunks, and cp_rank {} be in "
+        "[0, {})",
+        whole.size(dim), dim, 2 * cp, cp_rank, cp));
+  }
+  const int64_t c = whole.size(dim) / (2 * cp);
+  return at::cat({whole.narrow(dim, cp_rank * c, c), whole.narrow(dim, (2 * cp - 1 - cp_rank) * c, c)}, dim);
+}
+
+AttentionStreams attention_streams(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t seq_len,
+                                   const kernels::SparseOptions& options, StreamRequest request,
+                                   Communicator* cp_group, const ContextOptions& context) {
+  const int64_t cp = cp_group ? cp_group->size() : 1;
+  if (cp == 1 && seq_len == 0 && q.defined() && q.dim() == 4) seq_len = q.size(1);  // one rank: the whole sequence
+  check_inputs(q, k, v, seq_len, cp, options, request);
+  AttentionStreams result;
+
+  if (cp == 1) {
+    if (request.full) result.full = kernels::full_attention(q, k, v).out;
+    if (request.sparse) {
+      {
+        at::NoGradGuard no_grad;  // the router has no gradient
+        const at::Tensor pooled = kernels::pool_keys(k.detach(), options.block_size);
+        result.block_ids = kernels::select_blocks(q.detach(), pooled, options, 0);
+      }
+      result.sparse = kernels::sparse_attention(q, k, v, result.block_ids, options).out;
+      result.sparse_transport = SparseTransport::kNone;
+    }
+    return result;
+  }
+
+  auto setup = c10::make_intrusive<RingSetup>();
+  setup->comm = cp_group;
+  setup->layout = ZigzagLayout{cp, cp_group->rank(), seq_len / (2 * cp)};
+  setup->options = options;
+  setup->request = request;
+  cp_group->ensure_device(q.device());  // NCCL set up by every cp rank before any transfer
+  int64_t sparse_extra = 0;
+  if (request.sparse) {
+    sparse_extra += select_global_blocks(*setup, q, k);
+    result.block_ids = at::cat({setup->block_ids[0], setup->block_ids[1]}, 1);
+    if (request.full) {
+      setup->transport = SparseTransport::kRing;  // rides along with the full stream's rotation
+    } else {
+      const bool with_backward =
+          at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+      sparse_extra += choose_sparse_transport(*setup, k, context.sparse_transport, with_backward);
+    }
+  }
+  int64_t ring_bytes = 0, selected_bytes = 0;
+  auto outs = context_attention_autograd(setup, q, k, v, &ring_bytes, &selected_bytes);
+  result.full = outs[0];
+  result.sparse = outs[1];
+  result.sparse_transport = request.sparse ? setup->transport : SparseTransport::kNone;
+  // The ring's bytes per rank, whether or not it ran: (cp - 1) hops of my K and V.
+  const int64_t ring_per_rank = (cp - 1) * 2 * k.numel() * k.element_size();
+  if (request.full) {
+    result.bytes_full = ring_bytes;
+    result.bytes_sparse = sparse_extra;
+  } else {
+    result.bytes_sparse = sparse_extra + ring_bytes + selected_bytes;
+  }
+  if (request.sparse) {
+    result.bytes_sparse_ring = ring_per_rank;
+    if (setup->plan) {
+      result.bytes_sparse_selected = setup->plan->my_selected_rows * k.size(0) * k.size(2) * k.size(3) *
+                                     k.element_size() * 2;
+    }
+  }
+  return result;
+}
+
+}  // namespace ssa::parallel

@@ -1,0 +1,286 @@
+#include "parallel/ring_attention.h"
+
+#include <ATen/core/grad_mode.h>
+
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <fmt/format.h>
+
+#include "parallel/error_check.h"
+#include "parallel/partial_attention.h"
+
+namespace ssa::parallel {
+namespace {
+
+// MPI tags of the transfers that can be in flight together between two ranks.
+constexpr int kTagKv = 1;
+constexpr int kTagDkv = 2;
+
+int64_t nbytes(const at::Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }
+
+kernels::AttentionResult attend_item(const RingSetup& s, const WorkItem& w, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v) {
+  if (!w.sparse) return kernels::full_attention(q, k, v, w.q_pos, w.k_pos);
+  const at::Tensor& ids = w.compact ? s.compact_block_ids[static_cast<size_t>(w.slot)]
+                                    : s.block_ids[static_cast<size_t>(w.slot)];
+  return kernels::sparse_attention(q, k, v, ids, s.options, w.q_pos, w.k_pos);
+}
+
+}  // namespace
+
+std::vector<WorkItem> ring_work(const RingSetup& setup, int64_t src) {
+  const ZigzagLayout& z = setup.layout;
+  const int64_t c = z.chunk, r = z.rank;
+  std::vector<WorkItem> items;
+  if (setup.request.full) {
+    // Chunk positions decide visibility: src's chunks are src (early) and
+    // 2cp-1-src (late); mine are r and 2cp-1-r. Fully visible pairs are merged
+    // into one call and given positions that make every key visible (the kernel
+    // then runs its unmasked path); diagonal pairs keep their real positions.
+    if (src == r) {
+      items.push_back({false, 0, c, 0, c, z.position(0), z.position(0), 0, false});  // chunk r on itself
+      items.push_back({false, c, c, c, c, z.position(1), z.position(1), 1, false});  // chunk 2cp-1-r on itself
+      items.push_back({false, c, c, 0, c, c, 0, 1, false});                          // late chunk sees chunk r
+    } else if (src < r) {
+      items.push_back({false, 0, 2 * c, 0, c, c, 0, 0, false});  // both my chunks see chunk src, not 2cp-1-src
+    } else {
+      items.push_back({false, c, c, 0, 2 * c, 2 * c, 0, 1, false});  // my late chunk sees both; my early none
+    }
+  }
+  if (setup.request.sparse && setup.transport == SparseTransport::kRing) {
+    for (int64_t a = 0; a < 2; ++a) {
+      for (int64_t b = 0; b < 2; ++b) {
+        const int64_t g = z.global_chunk(src, b);
+        if (setup.chunk_needed(a, g)) items.push_back({true, a * c, c, b * c, c, z.position(a), g * c, a, false});
+      }
+    }
+  }
+  return items;
+}
+
+std::vector<WorkItem> selected_work(const RingSetup& setup, int64_t compact_rows) {
+  const ZigzagLayout& z = setup.layout;
+  const int64_t c = z.chunk;
+  std::vector<WorkItem> items;
+  for (int64_t a = 0; a < 2; ++a) {
+    bool remote = false;
+    for (int64_t g = 0; g < z.chunks(); ++g) {
+      if (!setup.chunk_needed(a, g)) continue;
+      if (z.owner(g) == z.rank) {
+        items.push_back({true, a * c, c, z.slot(g) * c, c, z.position(a), g * c, a, false});
+      } else {
+        remote = true;
+      }
+    }
+    // The compact blocks all precede the query (selection is causal and only
+    // the query's own block, always local, needs the diagonal mask), so they get
+    // positions [0, compact_rows) and the queries position compact_rows.
+    if (remote && compact_rows > 0) items.push_back({true, a * c, c, 0, compact_rows, compact_rows, 0, a, true});
+  }
+  return items;
+}
+
+ContextOutputs context_forward(const RingSetup& setup, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const ZigzagLayout& z = setup.layout;
+  const int64_t b = q.size(0), rows = q.size(1), hq = q.size(2), d = q.size(3);
+  const auto acc = q.options().dtype(accumulation_type(q.scalar_type()));
+  std::optional<PartialSum> full, sparse;
+  if (setup.request.full) full.emplace(b, rows, hq, d, acc);
+  if (setup.request.sparse) sparse.emplace(b, rows, hq, d, acc);
+  ContextOutputs out;
+  if (setup.transport == SparseTransport::kSelectedBlocks) {
+    auto [kc, vc] = fetch_selected(*setup.comm, *setup.plan, k, v);
+    out.selected_bytes = setup.plan->my_selected_rows * b * k.size(2) * k.size(3) * k.element_size() * 2;
+    for (const WorkItem& w : selected_work(setup, kc.size(1))) {
+      const at::Tensor& kk = w.compact ? kc : k;
+      const at::Tensor& vv = w.compact ? vc : v;
+      sparse->add(w.q_row, attend_item(setup, w, q.narrow(1, w.q_row, w.q_len), kk.narrow(1, w.kv_row, w.kv_len),
+                                       vv.narrow(1, w.kv_row, w.kv_len)));
+    }
+    out.compact_k = kc;
+    out.compact_v = vc;
+  } else {
+    const int left = static_cast<int>((z.rank - 1 + z.cp) % z.cp), right = static_cast<int>((z.rank + 1) % z.cp);
+    at::Tensor cur_k = k.contiguous(), cur_v = v.contiguous();
+    for (int64_t step = 0; step < z.cp; ++step) {
+      const int64_t src = (z.rank - step + z.cp) % z.cp;
+      // Post the next chunk's transfer before computing on the current one.
+      P2PBatch next;
+      at::Tensor next_k, next_v;
+      if (step + 1 < z.cp) {
+        next_k = at::empty_like(cur_k);
+        next_v = at::empty_like(cur_v);
+        out.ring_bytes += nbytes(cur_k) + nbytes(cur_v);
+        next = setup.comm->start_p2p({P2POp::send(cur_k, right, kTagKv), P2POp::send(cur_v, right, kTagKv),
+                                      P2POp::recv(next_k, left, kTagKv), P2POp::recv(next_v, left, kTagKv)},
+                                     "ring_kv");
+      }
+      for (const WorkItem& w : ring_work(setup, src)) {
+        auto part = attend_item(setup, w, q.narrow(1, w.q_row, w.q_len), cur_k.narrow(1, w.kv_row, w.kv_len),
+                                cur_v.narrow(1, w.kv_row, w.kv_len));
+        (w.sparse ? *sparse : *full).add(w.q_row, part);
+      }
+      next.wait();
+      if (next_k.defined()) {
+        cur_k = next_k;
+        cur_v = next_v;
+      }
+    }
+  }
+  if (full) {
+    out.out_full = full->out().to(q.scalar_type());
+    out.lse_full = full->lse();
+  }
+  if (sparse) {
+    out.out_sparse = sparse->out().to(q.scalar_type());
+    out.lse_sparse = sparse->lse();
+  }
+  return out;
+}
+
+ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const ContextOutputs& outputs, const at::Tensor& grad_full, const at::Tensor& grad_sparse) {
+  const ZigzagLayout& z = setup.layout;
+  const auto acc = q.options().dtype(accumulation_type(q.scalar_type()));
+  at::Tensor dq = at::zeros(q.sizes(), acc);
+  at::Tensor dk, dv;
+  const at::Tensor g_full = grad_full.defined() ? grad_full.to(acc.dtype()) : at::Tensor();
+  const at::Tensor g_sparse = grad_sparse.defined() ? grad_sparse.to(acc.dtype()) : at::Tensor();
+
+  // Adds one item's gradients; the K/V gradients go into rows of dk_buf/dv_buf.
+  auto accumulate = [&](const WorkItem& w, const at::Tensor& kk, const at::Tensor& vv, at::Tensor& dk_buf,
+                        at::Tensor& dv_buf) {
+    const at::Tensor& g = w.sparse ? g_sparse : g_full;
+    if (!g.defined()) return;  // that output received no gradient
+    const at::Tensor& o = w.sparse ? outputs.out_sparse : outputs.out_full;
+    const at::Tensor& l = w.sparse ? outputs.lse_sparse : outputs.lse_full;
+    const Attend attend = [&setup, &w](const at::Tensor& qq, const at::Tensor& k2, const at::Tensor& v2) {
+      return attend_item(setup, w, qq, k2, v2);
+    };
+    const PairGradients pg =
+        pair_gradients(attend, q.narrow(1, w.q_row, w.q_len), kk.narrow(1, w.kv_row, w.kv_len),
+                       vv.narrow(1, w.kv_row, w.kv_len), g.narrow(1, w.q_row, w.q_len), o.narrow(1, w.q_row, w.q_len),
+                       l.narrow(2, w.q_row, w.q_len));
+    dq.narrow(1, w.q_row, w.q_len).add_(pg.dq);
+    dk_buf.narrow(1, w.kv_row, w.kv_len).add_(pg.dk);
+    dv_buf.narrow(1, w.kv_row, w.kv_len).add_(pg.dv);
+  };
+
+  if (setup.transport == SparseTransport::kSelectedBlocks) {
+    const at::Tensor& kc = outputs.compact_k;
+    const at::Tensor& vc = outputs.compact_v;
+    dk = at::zeros(k.sizes(), acc);
+    dv = at::zeros(v.sizes(), acc);
+    at::Tensor dkc = at::zeros(kc.sizes(), acc), dvc = at::zeros(vc.sizes(), acc);
+    for (const WorkItem& w : selected_work(setup, kc.size(1))) {
+      if (w.compact) {
+        accumulate(w, kc, vc, dkc, dvc);
+      } else {
+        accumulate(w, k, v, dk, dv);
+      }
+    }
+    return_selected_grads(*setup.comm, *setup.plan, dkc, dvc, dk, dv);
+  } else {
+    // The K/V rotate as in forward; the fp32 dK/dV of the chunk being visited
+    // travel one hop behind them, so each owner gets its sum after cp hops.
+    // Every rank runs every transfer, with or without work or gradients.
+    const int left = static_cast<int>((z.rank - 1 + z.cp) % z.cp), right = static_cast<int>((z.rank + 1) % z.cp);
+    at::Tensor cur_k = k.contiguous(), cur_v = v.contiguous();
+    P2PBatch dkv_batch;
+    at::Tensor in_dk, in_dv;
+    for (int64_t step = 0; step < z.cp; ++step) {
+      const int64_t src = (z.rank - step + z.cp) % z.cp;
+      P2PBatch next;
+      at::Tensor next_k, next_v;
+      if (step + 1 < z.cp) {
+        next_k = at::empty_like(cur_k);
+        next_v = at::empty_like(cur_v);
+        next = setup.comm->start_p2p({P2POp::send(cur_k, right, kTagKv), P2POp::send(cur_v, right, kTagKv),
+                                      P2POp::recv(next_k, left, kTagKv), P2POp::recv(next_v, left, kTagKv)},
+                                     "ring_kv");
+      }
+      at::Tensor acc_dk = at::zeros(cur_k.sizes(), acc), acc_dv = at::zeros(cur_v.sizes(), acc);
+      for (const WorkItem& w : ring_work(setup, src)) accumulate(w, cur_k, cur_v, acc_dk, acc_dv);
+      if (step > 0) {  // what the ranks before me added for this chunk
+        dkv_batch.wait();
+        acc_dk.add_(in_dk);
+        acc_dv.add_(in_dv);
+      }
+      in_dk = at::empty_like(acc_dk);
+      in_dv = at::empty_like(acc_dv);
+      dkv_batch = setup.comm->start_p2p({P2POp::send(acc_dk, right, kTagDkv), P2POp::send(acc_dv, right, kTagDkv),
+                                         P2POp::recv(in_dk, left, kTagDkv), P2POp::recv(in_dv, left, kTagDkv)},
+                                        "ring_dkv");
+      next.wait();
+      if (next_k.defined()) {
+        cur_k = next_k;
+        cur_v = next_v;
+      }
+    }
+    dkv_batch.wait();  // after cp hops my own chunk's complete dK/dV arrived
+    dk = in_dk;
+    dv = in_dv;
+  }
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class ContextAttentionFunction : public torch::autograd::Function<ContextAttentionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               c10::intrusive_ptr<RingSetup> setup, int64_t* ring_bytes, int64_t* selected_bytes) {
+    ContextOutputs o = context_forward(*setup, q, k, v);
+    *ring_bytes = o.ring_bytes;
+    *selected_bytes = o.selected_bytes;
+    ctx->save_for_backward({q, k, v, o.out_full, o.lse_full, o.out_sparse, o.lse_sparse, o.compact_k, o.compact_v});
+    ctx->saved_data["setup"] = c10::IValue::make_capsule(std::move(setup));
+    variable_list outs;
+    if (o.out_full.defined()) outs.push_back(o.out_full);
+    if (o.out_sparse.defined()) outs.push_back(o.out_sparse);
+    return outs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto setup = c10::static_intrusive_pointer_cast<RingSetup>(ctx->saved_data["setup"].toCapsule());
+    const variable_list saved = ctx->get_saved_variables();
+    size_t next = 0;
+    const at::Tensor g_full = setup->request.full ? grads.at(next++) : at::Tensor();
+    const at::Tensor g_sparse = setup->request.sparse ? grads.at(next++) : at::Tensor();
+    ContextOutputs o;
+    o.out_full = saved[3];
+    o.lse_full = saved[4];
+    o.out_sparse = saved[5];
+    o.lse_sparse = saved[6];
+    o.compact_k = saved[7];
+    o.compact_v = saved[8];
+    ContextGrads g = context_backward(*setup, saved[0], saved[1], saved[2], o, g_full, g_sparse);
+    return {g.dq, g.dk, g.dv, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+std::array<at::Tensor, 2> context_attention_autograd(const c10::intrusive_ptr<RingSetup>& setup, const at::Tensor& q,
+                                                     const at::Tensor& k, const at::Tensor& v, int64_t* ring_bytes,
+                                                     int64_t* selected_bytes) {
+  std::array<at::Tensor, 2> result;
+  const bool needs_graph =
+      at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  if (!needs_graph) {
+    ContextOutputs o = context_forward(*setup, q, k, v);
+    *ring_bytes = o.ring_bytes;
+    *selected_bytes = o.selected_bytes;
+    return {o.out_full, o.out_sparse};
+  }
+  const variable_list outs = ContextAttentionFunction::apply(q, k, v, setup, ring_bytes, selected_bytes);
+  size_t next = 0;
+  if (setup->request.full) result[0] = outs.at(next++);
+  if (setup->request.sparse) result[1] = outs.at(next++);
+  return result;
+}
+
+}  // namespace ssa::parallel

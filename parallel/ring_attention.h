@@ -1,0 +1,78 @@
+#pragma once
+// Context-parallel attention for cp > 1 (see context_attention.h): the work each
+// visiting K/V chunk brings, the forward and backward ring loops, and the
+// autograd Function around them. Internal to parallel/.
+#include <ATen/ATen.h>
+#include <ATen/core/ivalue.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "parallel/communicator.h"
+#include "parallel/context_attention.h"
+#include "parallel/selected_exchange.h"
+#include "parallel/zigzag.h"
+
+namespace ssa::parallel {
+
+// Everything a cp > 1 attention call needs besides q, k, v; shared by forward
+// and backward (held by the autograd node).
+struct RingSetup : torch::CustomClassHolder {
+  Communicator* comm = nullptr;
+  ZigzagLayout layout;
+  kernels::SparseOptions options;
+  StreamRequest request;
+  SparseTransport transport = SparseTransport::kNone;
+  std::array<at::Tensor, 2> block_ids;  // [B, c, Hkv, K] int32 per local q chunk (sparse stream)
+  // needed[a * 2cp + g]: local q chunk a selected some block of global chunk g.
+  std::vector<uint8_t> needed;
+  std::optional<SelectedPlan> plan;             // kSelectedBlocks
+  std::array<at::Tensor, 2> compact_block_ids;  // kSelectedBlocks: ids into the compact K/V
+
+  bool chunk_needed(int64_t slot, int64_t g) const {
+    return needed[static_cast<size_t>(slot * layout.chunks() + g)] != 0;
+  }
+};
+
+// One kernel call: rows of the local q against rows of a K/V buffer.
+struct WorkItem {
+  bool sparse = false;
+  int64_t q_row = 0, q_len = 0;
+  int64_t kv_row = 0, kv_len = 0;
+  int64_t q_pos = 0, k_pos = 0;  // positions given to the kernel (see ring_work)
+  int64_t slot = 0;              // local q chunk (which block ids)
+  bool compact = false;          // reads the compact selected-block buffer
+};
+
+// The calls for the K/V of cp rank `src` (both its chunks, rows [0, 2c)).
+std::vector<WorkItem> ring_work(const RingSetup& setup, int64_t src);
+// kSelectedBlocks: calls on my own K/V and on the compact buffer (compact_rows rows).
+std::vector<WorkItem> selected_work(const RingSetup& setup, int64_t compact_rows);
+
+struct ContextOutputs {
+  at::Tensor out_full, lse_full;      // [B, 2c, Hq, D] dtype of q; [B, Hq, 2c] fp32
+  at::Tensor out_sparse, lse_sparse;
+  at::Tensor compact_k, compact_v;    // kSelectedBlocks: the fetched blocks
+  int64_t ring_bytes = 0;             // K/V bytes this rank sent around the ring
+  int64_t selected_bytes = 0;         // K/V bytes this rank sent to requesters
+};
+
+ContextOutputs context_forward(const RingSetup& setup, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+
+struct ContextGrads {
+  at::Tensor dq, dk, dv;  // dtypes of q, k, v
+};
+// grad_full / grad_sparse: gradients of the two outputs (undefined = zero).
+ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const ContextOutputs& outputs, const at::Tensor& grad_full, const at::Tensor& grad_sparse);
+
+// Differentiable cp > 1 attention: returns {full, sparse} (undefined when not
+// requested) and fills `outputs` with the forward's byte counts.
+std::array<at::Tensor, 2> context_attention_autograd(const c10::intrusive_ptr<RingSetup>& setup, const at::Tensor& q,
+                                                     const at::Tensor& k, const at::Tensor& v, int64_t* ring_bytes,
+                                                     int64_t* selected_bytes);
+
+}  // namespace ssa::parallel

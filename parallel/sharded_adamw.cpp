@@ -1,0 +1,263 @@
+#include "parallel/sharded_adamw.h"
+
+#include <ATen/core/grad_mode.h>
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <stdexcept>
+
+#include "parallel/error_check.h"
+
+namespace ssa::parallel {
+namespace {
+
+void check_options(const AdamWOptions& o) {
+  auto fail = [](const char* key, double value, const char* rule) {
+    throw std::invalid_argument(fmt::format("parallel::ShardedAdamW: optimizer.{} = {}: {}", key, value, rule));
+  };
+  if (!(o.lr >= 0)) fail("lr", o.lr, "must be >= 0");
+  if (!(o.beta1 >= 0 && o.beta1 < 1)) fail("beta1", o.beta1, "must be in [0, 1)");
+  if (!(o.beta2 >= 0 && o.beta2 < 1)) fail("beta2", o.beta2, "must be in [0, 1)");
+  if (!(o.eps > 0)) fail("eps", o.eps, "must be > 0");
+  if (!(o.weight_decay >= 0)) fail("weight_decay", o.weight_decay, "must be >= 0");
+  if (std::isnan(o.grad_clip)) fail("grad_clip", o.grad_clip, "must be a number (<= 0 disables clipping)");
+  if (o.bucket_numel < 1) fail("bucket_numel", static_cast<double>(o.bucket_numel), "must be >= 1");
+}
+
+int64_t group_size(const Communicator* c) { return c ? c->size() : 1; }
+
+}  // namespace
+
+ShardedAdamW::ShardedAdamW(std::vector<Parameter> params, AdamWOptions options, Communicator* dp_group,
+                           Communicator* cp_group)
+    : params_(std::move(params)), options_(options), dp_(dp_group), cp_(cp_group) {
+  check_options(options_);
+  if (params_.empty()) throw std::invalid_argument("parallel::ShardedAdamW: no parameters to optimise");
+  device_ = params_.front().tensor.defined() ? params_.front().tensor.device() : at::Device(at::kCPU);
+  std::vector<int64_t> numels;
+  for (const Parameter& p : params_) {
+    if (!p.tensor.defined() || !at::isFloatingType(p.tensor.scalar_type()) || !p.tensor.is_contiguous() ||
+        p.tensor.device() != device_) {
+      throw std::invalid_argument(fmt::format(
+          "parallel::ShardedAdamW: parameter '{}' must be a defined, contiguous floating tensor on {} (got {})", p.name,
+          device_.str(), p.tensor.defined() ? p.tensor.toString() + " on " + p.tensor.device().str() : "undefined"));
+    }
+    numels.push_back(p.tensor.numel());
+  }
+  dp_size_ = group_size(dp_);
+  dp_rank_ = dp_ ? dp_->rank() : 0;
+  layout_ = std::make_unique<FlatLayout>(numels, options_.bucket_numel, sharded() ? dp_size_ : 1,
+                                         sharded() ? dp_rank_ : 0);
+  if (dp_) dp_->ensure_device(device_);
+  if (cp_) cp_->ensure_device(device_);
+
+  at::NoGradGuard no_grad;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device_);
+  for (const FlatBucket& b : layout_->buckets()) {
+    const int64_t n = sharded() ? b.shard_numel : b.numel;
+    BucketState s{at::zeros({n}, f32), at::zeros({n}, f32), at::zeros({n}, f32)};
+    const int64_t origin = state_origin(b);
+    for (const FlatPiece& piece : FlatLayout::pieces_in(b, b.own_begin, b.own_end)) {
+      s.master.narrow(0, piece.bucket_offset - origin, piece.numel)
+          .copy_(params_[static_cast<size_t>(piece.param)].tensor.detach().reshape({-1}).narrow(0, piece.param_offset,
+                                                                                               piece.numel));
+    }
+    state_.push_back(std::move(s));
+  }
+}
+
+ShardedAdamW::~ShardedAdamW() = default;
+
+at::Tensor ShardedAdamW::bucket_gradients(const FlatBucket& b) const {
+  at::Tensor buf = at::zeros({b.padded}, at::TensorOptions().dtype(at::kFloat).device(device_));
+  for (const FlatPiece& piece : b.pieces) {
+    const at::Tensor& grad = params_[static_cast<size_t>(piece.param)].tensor.grad();
+    if (!grad.defined()) continue;  // unused parameter: zero gradient on this rank
+    buf.narrow(0, piece.bucket_offset, piece.numel).copy_(grad.reshape({-1}).narrow(0, piece.param_offset, piece.numel));
+  }
+  return buf;
+}
+
+StepResult ShardedAdamW::step(double lr) {
+  at::NoGradGuard no_grad;
+  const auto& buckets = layout_->buckets();
+  std::vector<at::Tensor> grads;
+  grads.reserve(buckets.size());
+  at::Tensor norm_sq = at::zeros({1}, at::TensorOptions().dtype(at::kDouble).device(device_));
+  for (const FlatBucket& b : buckets) {
+    at::Tensor buf = bucket_gradients(b);
+    at::Tensor g;
+    if (sharded()) {
+      g = dp_->reduce_scatter(buf, ReduceOp::kAvg);  // [shard_numel]: my part, averaged over dp
+    } else {
+      if (dp_size_ > 1) dp_->all_reduce(buf, ReduceOp::kAvg);
+      g = buf;
+    }
+    if (group_size(cp_) > 1) cp_->all_reduce(g, ReduceOp::kAvg);
+    const int64_t origin = state_origin(b);
+    if (b.own_numel() > 0) {
+      const at::Tensor norm =
+          at::linalg_vector_norm(g.narrow(0, b.own_begin - origin, b.own_numel()), 2, std::nullopt, false, at::kDouble);
+      norm_sq.add_(norm.square());
+    }
+    grads.push_back(std::move(g));
+  }
+  if (sharded()) dp_->all_reduce(norm_sq, ReduceOp::kSum);  // disjoint shards: sum of squares
+  // Every rank must take the same branch: agree on "not finite" over dp and cp.
+  at::Tensor bad = at::isfinite(norm_sq).logical_not().to(at::kDouble);
+  if (dp_size_ > 1) dp_->all_reduce(bad, ReduceOp::kMax);
+  if (group_size(cp_) > 1) cp_->all_reduce(bad, ReduceOp::kMax);
+  StepResult result;
+  result.grad_norm = std::sqrt(norm_sq.item<double>());
+  if (bad.item<double>() != 0.0 || !std::isfinite(result.grad_norm)) {
+    result.applied = false;
+    return result;
+  }
+  const double clip = options_.grad_clip > 0 ? std::min(1.0, options_.grad_clip / (result.grad_norm + 1e-6)) : 1.0;
+  ++step_;
+  const double b1 = options_.beta1, b2 = options_.beta2;
+  const double bias1 = 1.0 - std::pow(b1, static_cast<double>(step_));
+  const double bias2 = 1.0 - std::pow(b2, static_cast<double>(step_));
+  for (size_t i = 0; i < buckets.size(); ++i) {
+    const FlatBucket& b = buckets[i];
+    BucketState& s = state_[i];
+    at::Tensor& g = grads[i];
+    if (clip < 1.0) g.mul_(clip);
+    const int64_t origin = state_origin(b);
+    if (options_.weight_decay > 0) {
+      for (const FlatPiece& piece : FlatLayout::pieces_in(b, b.own_begin, b.own_end)) {
+        if (params_[static_cast<size_t>(piece.param)].decay) {
+          s.master.narrow(0, piece.bucket_offset - origin, piece.numel).mul_(1.0 - lr * options_.weight_decay);
+        }
+      }
+    }
+    s.exp_avg.mul_(b1).add_(g, 1.0 - b1);
+    s.exp_avg_sq.mul_(b2).addcmul_(g, g, 1.0 - b2);
+    const at::Tensor denom = (s.exp_avg_sq.sqrt() / std::sqrt(bias2)).add_(options_.eps);
+    s.master.addcdiv_(s.exp_avg, denom, -lr / bias1);
+  }
+  write_parameters();
+  result.applied = true;
+  return result;
+}
+
+void ShardedAdamW::write_parameters() {
+  at::NoGradGuard no_grad;
+  // All-gather in the model dtype when every parameter shares it (half the bytes for bf16).
+  at::ScalarType gather_type = params_.front().tensor.scalar_type();
+  for (const Parameter& p : params_) {
+    if (p.tensor.scalar_type() != gather_type) gather_type = at::kFloat;
+  }
+  const auto& buckets = layout_->buckets();
+  for (size_t i = 0; i < buckets.size(); ++i) {
+    const FlatBucket& b = buckets[i];
+    const at::Tensor full = sharded() ? dp_->all_gather(state_[i].master.to(gather_type)) : state_[i].master;
+    for (const FlatPiece& piece : b.pieces) {
+      params_[static_cast<size_t>(piece.param)]
+          .tensor.detach()
+          .view({-1})
+          .narrow(0, piece.param_offset, piece.numel)
+          .copy_(full.narrow(0, piece.bucket_offset, piece.numel));
+    }
+  }
+}
+
+void ShardedAdamW::zero_grad() {
+  for (Parameter& p : params_) p.tensor.mutable_grad().reset();
+}
+
+std::vector<ShardState> ShardedAdamW::export_state() const {
+  std::vector<ShardState> out;
+  if (!sharded() && dp_rank_ != 0) return out;  // replicated: dp rank 0 writes the one copy
+  const auto& buckets = layout_->buckets();
+  for (size_t i = 0; i < buckets.size(); ++i) {
+    const FlatBucket& b = buckets[i];
+    if (b.own_numel() == 0) continue;
+    const int64_t first = b.own_begin - state_origin(b);
+    auto take = [&](const at::Tensor& t) {
+      return t.narrow(0, first, b.own_numel()).to(at::kCPU, at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+    };
+    out.push_back({b.start + b.own_begin, b.own_numel(), take(state_[i].master), take(state_[i].exp_avg),
+                   take(state_[i].exp_avg_sq)});
+  }
+  return out;
+}
+
+void ShardedAdamW::import_state(const std::vector<ShardState>& shards, int64_t step) {
+  if (step < 0) throw std::invalid_argument(fmt::format("parallel::ShardedAdamW::import_state: step {} < 0", step));
+  std::vector<size_t> order(shards.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return shards[a].offset < shards[b].offset; });
+  int64_t covered = 0;
+  for (size_t i : order) {
+    const ShardState& s = shards[i];
+    for (const at::Tensor* t : {&s.master, &s.exp_avg, &s.exp_avg_sq}) {
+      if (!t->defined() || t->dim() != 1 || t->numel() != s.numel || !at::isFloatingType(t->scalar_type())) {
+        throw std::invalid_argument(fmt::format(
+            "optimizer state: the shard at offset {} must hold 1-D floating master, exp_avg and exp_avg_sq of {} "
+            "elements each (a truncated or mixed-up checkpoint?)",
+            s.offset, s.numel));
+      }
+    }
+    if (s.numel <= 0 || s.offset < 0) {
+      throw std::invalid_argument(
+          fmt::format("optimizer state: shard at offset {} with {} elements is empty or negative", s.offset, s.numel));
+    }
+    if (s.offset < covered) {
+      throw std::invalid_argument(fmt::format(
+          "optimizer state: the shard at offset {} overlaps the range [0, {}) already covered (shards of two runs "
+          "mixed?)",
+          s.offset, covered));
+    }
+    if (s.offset > covered) {
+      throw std::invalid_argument(fmt::format(
+          "optimizer state: no shard covers [{}, {}) (an optimizer shard file is missing?)", covered, s.offset));
+    }
+    covered += s.numel;
+  }
+  if (covered != numel()) {
+    throw std::invalid_argument(fmt::format(
+        "optimizer state: the shards cover {} parameters but the model has {} (a checkpoint of another model, or a "
+        "missing shard file?)",
+        covered, numel()));
+  }
+  const auto& buckets = layout_->buckets();
+  for (size_t i = 0; i < buckets.size(); ++i) {
+    const FlatBucket& b = buckets[i];
+    const int64_t lo = b.start + b.own_begin, hi = b.start + b.own_end;  // my global range
+    const int64_t origin = state_origin(b);
+    for (const ShardState& s : shards) {
+      const int64_t a = std::max(lo, s.offset), e = std::min(hi, s.offset + s.numel);
+      if (a >= e) continue;
+      const int64_t dst = a - b.start - origin, src = a - s.offset, n = e - a;
+      state_[i].master.narrow(0, dst, n).copy_(s.master.narrow(0, src, n));
+      state_[i].exp_avg.narrow(0, dst, n).copy_(s.exp_avg.narrow(0, src, n));
+      state_[i].exp_avg_sq.narrow(0, dst, n).copy_(s.exp_avg_sq.narrow(0, src, n));
+    }
+  }
+  step_ = step;
+  write_parameters();
+}
+
+double ShardedAdamW::bytes_per_parameter() const {
+  double model = 0;
+  for (const Parameter& p : params_) model += 2.0 * static_cast<double>(p.tensor.numel() * p.tensor.element_size());
+  double optimizer = 0;
+  for (const BucketState& s : state_) {
+    for (const at::Tensor* t : {&s.master, &s.exp_avg, &s.exp_avg_sq}) {
+      optimizer += static_cast<double>(t->numel() * t->element_size());
+    }
+  }
+  return (model + optimizer) / static_cast<double>(numel());
+}
+
+double ShardedAdamW::zero_formula_bytes_per_parameter() const {
+  double model = 0;
+  for (const Parameter& p : params_) model += 2.0 * static_cast<double>(p.tensor.numel() * p.tensor.element_size());
+  return model / static_cast<double>(numel()) + 12.0 / static_cast<double>(options_.zero ? dp_size_ : 1);
+}
+
+}  // namespace ssa::parallel

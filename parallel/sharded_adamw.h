@@ -1,0 +1,120 @@
+#pragma once
+// AdamW (decoupled weight decay, PyTorch's update rule and bias correction) with
+// fp32 master weights and global-norm clipping, over data-parallel replicas and
+// context-parallel ranks, optionally ZeRO-sharded over dp.
+//
+// Gradients: each rank's loss is the mean over its own tokens (its micro-batch
+// rows and, with cp, its zigzag chunks; the ring attention's backward already
+// routes every rank's loss into the K/V gradients of the ranks that own them).
+// All ranks hold equally many tokens, so the gradient of the global mean loss is
+// the MEAN of the per-rank gradients over all dp * cp ranks: averaged over dp
+// (reduce-scatter or all-reduce) and then over cp.
+//
+// Parameters are flattened into one index space (FlatLayout) in buckets. ZeRO
+// (zero = true): each bucket's fp32 gradients are reduce-scattered over dp, each
+// rank updates only its 1/dp of the master weights and moments, and the new
+// weights are all-gathered back into the model's parameters. Without ZeRO the
+// gradients are all-reduced and every rank updates everything.
+//
+// A step whose global gradient norm is not finite changes nothing (applied =
+// false, the step count does not advance); every rank reaches the same verdict.
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "parallel/communicator.h"
+#include "parallel/flat_layout.h"
+
+namespace ssa::parallel {
+
+struct Parameter {
+  std::string name;
+  at::Tensor tensor;  // leaf, contiguous, model dtype (fp32 or bf16); all on one device
+  bool decay = true;  // weight decay applies
+};
+
+struct AdamWOptions {
+  double lr = 1e-3;            // default lr (step(lr) passes the scheduled one)
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;   // decoupled: p -= lr * weight_decay * p
+  double grad_clip = 1.0;      // max global L2 norm; <= 0 disables clipping
+  bool zero = true;            // shard master weights and moments over dp
+  int64_t bucket_numel = int64_t{1} << 25;  // elements per gradient bucket (fp32 buffer of 128 MiB)
+};
+
+struct StepResult {
+  double grad_norm = 0;  // global L2 norm of the averaged gradient, before clipping
+  bool applied = false;  // false: the norm was not finite and nothing changed
+};
+
+// One contiguous range of the flat parameter space with its optimizer state
+// (fp32, 1-D, on the CPU). Shards written at any dp can be imported at any dp.
+struct ShardState {
+  int64_t offset = 0;
+  int64_t numel = 0;
+  at::Tensor master;
+  at::Tensor exp_avg;
+  at::Tensor exp_avg_sq;
+};
+
+class ShardedAdamW {
+ public:
+  // dp_group / cp_group: nullptr means a group of one. Copies the parameters'
+  // current values into the fp32 master weights (of my shard).
+  ShardedAdamW(std::vector<Parameter> params, AdamWOptions options, Communicator* dp_group, Communicator* cp_group);
+  ~ShardedAdamW();
+
+  // Averages the gradients (param.grad(); undefined counts as zero), clips,
+  // updates, and writes the new weights into the parameters. Collective over dp and cp.
+  StepResult step(double lr);
+  StepResult step() { return step(options_.lr); }
+  void zero_grad();  // releases the parameters' gradients (set to none)
+
+  // My shards (with ZeRO: my 1/dp of every bucket; without: everything on dp
+  // rank 0 and nothing elsewhere, so the union over dp ranks covers the range once).
+  std::vector<ShardState> export_state() const;
+  // Shards from any dp size that together cover [0, numel()) exactly once.
+  // Collective (refreshes the parameters from the imported master weights).
+  void import_state(const std::vector<ShardState>& shards, int64_t step);
+
+  int64_t step_count() const { return step_; }
+  int64_t numel() const { return layout_->numel(); }
+  const AdamWOptions& options() const { return options_; }
+  const std::vector<Parameter>& parameters() const { return params_; }
+
+  // Bytes per parameter on this rank: the model's weights and gradients (model
+  // dtype) plus the optimizer tensors actually allocated (fp32 master and two
+  // moments of my shard, padding included), divided by numel().
+  double bytes_per_parameter() const;
+  // ZeRO formula: 2 * model bytes (weights + grads) + (4 + 8) / (zero ? dp : 1).
+  double zero_formula_bytes_per_parameter() const;
+
+ private:
+  struct BucketState {
+    at::Tensor master;      // fp32 [shard_numel] (ZeRO) or [numel] (replicated)
+    at::Tensor exp_avg;
+    at::Tensor exp_avg_sq;
+  };
+  at::Tensor bucket_gradients(const FlatBucket& bucket) const;  // fp32 [padded]
+  void write_parameters();  // master -> params (all-gather with ZeRO)
+  bool sharded() const { return options_.zero && dp_size_ > 1; }
+  // Offset of my state within the bucket's coordinates (0 without ZeRO).
+  int64_t state_origin(const FlatBucket& b) const { return sharded() ? b.shard_numel * dp_rank_ : 0; }
+
+  std::vector<Parameter> params_;
+  AdamWOptions options_;
+  Communicator* dp_ = nullptr;
+  Communicator* cp_ = nullptr;
+  int64_t dp_size_ = 1, dp_rank_ = 0;
+  std::unique_ptr<FlatLayout> layout_;
+  std::vector<BucketState> state_;
+  int64_t step_ = 0;
+  at::Device device_{at::kCPU};
+};
+
+}  // namespace ssa::parallel

@@ -1,0 +1,165 @@
+// Full causal attention and the log-sum-exp merge against a dense fp64 reference
+// and central differences.
+#include <gtest/gtest.h>
+
+#include <limits>
+#include <stdexcept>
+
+#include "kernels/attention.h"
+#include "kernels_test_support.h"
+
+namespace ssa::kernels {
+namespace {
+
+using test::causal_mask;
+using test::dense_masked_attention;
+using test::expect_close;
+using test::randn;
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+struct Case {
+  int64_t sq, sk, q_start, k_start;
+};
+
+// Fused path (equal starts, Sq == Sk), past chunk (all keys before all queries),
+// partial overlaps (matmul path), and q_start > k_start with Sq == Sk.
+const Case kCases[] = {{37, 37, 0, 0}, {12, 20, 40, 0}, {10, 30, 20, 5}, {16, 16, 16, 8}, {8, 24, 0, 0}};
+
+TEST(FullAttention, MatchesDenseReferenceFp64AndFp32) {
+  at::manual_seed(1);
+  for (const Case& c : kCases) {
+    for (at::ScalarType dtype : {at::kDouble, at::kFloat}) {
+      const at::Tensor q = randn({2, c.sq, 4, 8}, dtype);
+      const at::Tensor k = randn({2, c.sk, 2, 8}, dtype);
+      const at::Tensor v = randn({2, c.sk, 2, 8}, dtype);
+      const AttentionResult got = full_attention(q, k, v, c.q_start, c.k_start);
+      const AttentionResult want = dense_masked_attention(q, k, v, causal_mask(2, c.sq, 4, c.sk, c.q_start, c.k_start));
+      const double tol = dtype == at::kDouble ? 1e-10 : 2e-5;
+      const std::string what = "sq " + std::to_string(c.sq) + " q_start " + std::to_string(c.q_start) + " k_start " +
+                               std::to_string(c.k_start) + " " + c10::toString(dtype);
+      EXPECT_EQ(got.out.scalar_type(), dtype) << what;
+      EXPECT_EQ(got.lse.scalar_type(), dtype == at::kDouble ? at::kDouble : at::kFloat) << what;
+      expect_close(got.out, want.out, tol, tol, what + " out");
+      expect_close(got.lse, want.lse, tol, tol, what + " lse");
+    }
+  }
+}
+
+TEST(FullAttention, Bf16IsCloseToFp64) {
+  at::manual_seed(2);
+  const at::Tensor q = randn({1, 24, 4, 16}), k = randn({1, 24, 2, 16}), v = randn({1, 24, 2, 16});
+  const AttentionResult got = full_attention(q.to(at::kBFloat16), k.to(at::kBFloat16), v.to(at::kBFloat16));
+  const AttentionResult want = dense_masked_attention(q, k, v, causal_mask(1, 24, 4, 24, 0, 0));
+  EXPECT_EQ(got.out.scalar_type(), at::kBFloat16);
+  EXPECT_EQ(got.lse.scalar_type(), at::kFloat);
+  expect_close(got.out, want.out, 3e-2, 3e-2, "bf16 out");
+  expect_close(got.lse, want.lse, 3e-2, 1e-2, "bf16 lse");
+}
+
+TEST(FullAttention, RowsWithOnlyFutureKeysAreEmpty) {
+  at::manual_seed(3);
+  // Queries at [0, 6), keys at [4, 12): rows 0..3 see no key.
+  const at::Tensor q = randn({1, 6, 2, 4}), k = randn({1, 8, 2, 4}), v = randn({1, 8, 2, 4});
+  const AttentionResult got = full_attention(q, k, v, 0, 4);
+  const AttentionResult want = dense_masked_attention(q, k, v, causal_mask(1, 6, 2, 8, 0, 4));
+  expect_close(got.out, want.out, 1e-10, 1e-10, "out");
+  expect_close(got.lse, want.lse, 1e-10, 1e-10, "lse");
+  EXPECT_TRUE(at::isinf(got.lse.select(2, 0)).all().item<bool>());
+  EXPECT_EQ(got.out.select(1, 0).abs().max().item<double>(), 0.0);
+  // A chunk entirely in the future: all rows empty.
+  const AttentionResult future = full_attention(q, k, v, 0, 10);
+  EXPECT_TRUE((future.lse == -kInf).all().item<bool>());
+  EXPECT_EQ(future.out.abs().max().item<double>(), 0.0);
+}
+
+TEST(FullAttention, GradientsMatchFiniteDifferences) {
+  at::manual_seed(4);
+  // GQA group 2 on each path; the lse enters the loss where it is differentiable
+  // (matmul path), the fused paths are checked through out.
+  const struct {
+    Case c;
+    bool use_lse;
+  } cases[] = {{{5, 5, 0, 0}, false}, {{4, 3, 6, 0}, false}, {{4, 5, 3, 1}, true}, {{5, 5, 2, 0}, true}};
+  for (const auto& [c, use_lse] : cases) {
+    const at::Tensor q = randn({1, c.sq, 4, 3}), k = randn({1, c.sk, 2, 3}), v = randn({1, c.sk, 2, 3});
+    const test::WeightedLoss weights = test::make_loss(q, use_lse);
+    const int64_t qs = c.q_start, ks = c.k_start;
+    test::expect_gradients_match_fd(
+        [&](const std::vector<at::Tensor>& x) { return weights(full_attention(x[0], x[1], x[2], qs, ks)); }, {q, k, v},
+        1e-6, "full q_start " + std::to_string(qs) + " k_start " + std::to_string(ks));
+  }
+}
+
+TEST(FullAttention, KeyChunksMergedEqualConcatenatedKeys) {
+  at::manual_seed(5);
+  // A query chunk at [16, 32) against keys [0, 16) and [16, 32), in both orders.
+  const at::Tensor q = randn({2, 16, 4, 8}), k = randn({2, 32, 2, 8}), v = randn({2, 32, 2, 8});
+  const AttentionResult whole = full_attention(q, k, v, 16, 0);
+  const AttentionResult past = full_attention(q, k.narrow(1, 0, 16), v.narrow(1, 0, 16), 16, 0);
+  const AttentionResult diag = full_attention(q, k.narrow(1, 16, 16), v.narrow(1, 16, 16), 16, 16);
+  for (const AttentionResult& merged : {merge_partials(past, diag), merge_partials(diag, past)}) {
+    expect_close(merged.out, whole.out, 1e-10, 1e-10, "merged out");
+    expect_close(merged.lse, whole.lse, 1e-10, 1e-10, "merged lse");
+  }
+  // The past chunk took the fused path, whose lse has no gradient: merging it
+  // under autograd is refused rather than giving a wrong gradient.
+  const at::Tensor qg = q.detach().clone().set_requires_grad(true);
+  const AttentionResult past_grad = full_attention(qg, k.narrow(1, 0, 16), v.narrow(1, 0, 16), 16, 0);
+  const AttentionResult diag_grad = full_attention(qg, k.narrow(1, 16, 16), v.narrow(1, 16, 16), 16, 16);
+  EXPECT_THROW(merge_partials(past_grad, diag_grad), std::runtime_error);
+  // Merging with an empty part (a chunk in the future) changes nothing.
+  const AttentionResult future = full_attention(q, k.narrow(1, 0, 8), v.narrow(1, 0, 8), 16, 40);
+  const AttentionResult same = merge_partials(whole, future);
+  expect_close(same.out, whole.out, 1e-12, 1e-12, "merge with empty out");
+  expect_close(same.lse, whole.lse, 1e-12, 1e-12, "merge with empty lse");
+}
+
+TEST(MergePartials, MatchesClosedFormAndKeepsEmptyRows) {
+  at::manual_seed(6);
+  AttentionResult a{randn({1, 3, 2, 4}), randn({1, 2, 3})};
+  AttentionResult b{randn({1, 3, 2, 4}), randn({1, 2, 3})};
+  a.lse[0][0][1] = -kInf;  // row 1 of head 0 only in b
+  a.lse[0][1][2] = -kInf;  // row 2 of head 1 in neither
+  b.lse[0][1][2] = -kInf;
+  a.out[0][2][1].zero_();
+  b.out[0][2][1].zero_();
+  const AttentionResult m = merge_partials(a, b);
+  const at::Tensor want_lse = at::logaddexp(a.lse, b.lse);
+  expect_close(m.lse, want_lse, 1e-12, 1e-12, "lse");
+  const at::Tensor wa = (a.lse - want_lse).exp().nan_to_num(0.0).transpose(1, 2).unsqueeze(-1);
+  const at::Tensor wb = (b.lse - want_lse).exp().nan_to_num(0.0).transpose(1, 2).unsqueeze(-1);
+  expect_close(m.out, wa * a.out + wb * b.out, 1e-12, 1e-12, "out");
+  EXPECT_EQ(m.out[0][2][1].abs().max().item<double>(), 0.0);
+}
+
+TEST(MergePartials, GradientsMatchFiniteDifferencesWithEmptyRows) {
+  at::manual_seed(7);
+  at::Tensor la = randn({1, 2, 3}), lb = randn({1, 2, 3});
+  la[0][0][1] = -kInf;
+  la[0][1][2] = -kInf;
+  lb[0][1][2] = -kInf;
+  const at::Tensor w_out = randn({1, 3, 2, 4}), w_lse = randn({1, 2, 3});
+  test::expect_gradients_match_fd(
+      [&](const std::vector<at::Tensor>& x) {
+        const AttentionResult m = merge_partials({x[0], la + x[2]}, {x[1], lb + x[3]});
+        const at::Tensor lse = at::where(at::isinf(m.lse), at::zeros_like(m.lse), m.lse);
+        return (m.out * w_out).sum() + (lse * w_lse).sum();
+      },
+      {randn({1, 3, 2, 4}), randn({1, 3, 2, 4}), at::zeros({1, 2, 3}, at::kDouble), at::zeros({1, 2, 3}, at::kDouble)},
+      1e-6, "merge_partials");
+}
+
+TEST(FullAttention, RejectsBadInputs) {
+  const at::Tensor q = randn({1, 4, 4, 8}), k = randn({1, 4, 2, 8}), v = randn({1, 4, 2, 8});
+  EXPECT_THROW(full_attention(q, randn({1, 4, 3, 8}), randn({1, 4, 3, 8})), std::runtime_error);  // 4 % 3
+  EXPECT_THROW(full_attention(q, k, randn({1, 5, 2, 8})), std::runtime_error);                    // v != k
+  EXPECT_THROW(full_attention(q, randn({1, 4, 2, 4}), randn({1, 4, 2, 4})), std::runtime_error);  // head dim
+  EXPECT_THROW(full_attention(q.to(at::kFloat), k, v), std::runtime_error);                       // dtypes
+  EXPECT_THROW(full_attention(q.view({4, 4, 8}), k, v), std::runtime_error);                      // rank
+  EXPECT_THROW(full_attention(q, k, v, -1, 0), std::runtime_error);
+  EXPECT_THROW(merge_partials({q, randn({1, 4, 4})}, {q, randn({1, 4, 3})}), std::runtime_error);
+}
+
+}  // namespace
+}  // namespace ssa::kernels

@@ -1,0 +1,152 @@
+// CUDA block selection against a brute-force fp64 scoring of every causal block
+// (per-head softmax, GQA sum) and against the reference backend; CUDA attention
+// statistics against the reference backend.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "kernels/attention.h"
+#include "kernels_gpu_support.h"
+
+namespace ssa::kernels {
+namespace {
+
+using gpu_test::gpu;
+
+struct Case {
+  std::string name;
+  int64_t b, sq, hq, hkv, d, block_size, top_k;
+  int64_t q_start = 0;
+  SelectionMode mode = SelectionMode::kToken;
+};
+
+// Group scores [B, Sq, Hkv, Nb] in fp64: per head softmax over the causal blocks of
+// q . kbar / sqrt(D), summed over the group; non-causal blocks -inf. Query-block
+// mode: the mean over the queries of each block.
+at::Tensor brute_force_scores(const at::Tensor& q, const at::Tensor& pooled, const Case& c) {
+  const int64_t nb = pooled.size(1), g = c.hq / c.hkv;
+  const at::Tensor qd = q.to(at::kDouble).view({c.b, c.sq, c.hkv, g, c.d});
+  const at::Tensor logits = at::einsum("bshgd,bnhd->bshgn", {qd, pooled.to(at::kDouble)}) / std::sqrt(double(c.d));
+  const at::Tensor pos = at::arange(c.q_start, c.q_start + c.sq, gpu(at::kLong));
+  const at::Tensor causal = at::arange(nb, gpu(at::kLong)).view({1, nb}) <= at::div(pos, c.block_size, "floor").view({-1, 1});
+  const at::Tensor masked = logits.masked_fill(causal.logical_not().view({1, c.sq, 1, 1, nb}), -INFINITY);
+  at::Tensor score = masked.softmax(-1).sum(3);  // [B, Sq, Hkv, Nb]
+  if (c.mode == SelectionMode::kQueryBlock) {
+    const at::Tensor block_of = at::div(at::arange(c.sq, gpu(at::kLong)), c.block_size, "floor");
+    const int64_t nqb = (c.sq + c.block_size - 1) / c.block_size;
+    at::Tensor sums = at::zeros({c.b, nqb, c.hkv, nb}, score.options()).index_add_(1, block_of, score);
+    const at::Tensor counts = at::zeros({nqb}, score.options()).index_add_(0, block_of, at::ones({c.sq}, score.options()));
+    score = (sums / counts.view({1, nqb, 1, 1})).index_select(1, block_of);
+  }
+  return score.masked_fill(causal.logical_not().view({1, c.sq, 1, nb}), -INFINITY);
+}
+
+// The set is a valid top-k: layout, size, own block, and no left-out causal block
+// scoring above a kept one by more than tol.
+void expect_valid_top_k(const at::Tensor& ids, const at::Tensor& score, const Case& c, double tol) {
+  const int64_t nb = score.size(-1);
+  const at::Tensor pos = at::arange(c.q_start, c.q_start + c.sq, gpu(at::kLong));
+  const at::Tensor own = at::div(pos, c.block_size, "floor").view({1, c.sq, 1});
+  const at::Tensor n_causal = own + 1;
+  const at::Tensor idl = ids.to(at::kLong);
+  const at::Tensor valid = idl >= 0;
+  EXPECT_TRUE(at::equal(valid.sum(-1), at::clamp_max(n_causal, c.top_k).expand({c.b, c.sq, c.hkv})))
+      << c.name << ": wrong number of kept blocks";
+  EXPECT_TRUE(((idl == own.unsqueeze(-1)).sum(-1) == 1).all().item<bool>()) << c.name << ": own block missing";
+  const at::Tensor left = idl.narrow(3, 0, c.top_k - 1), right = idl.narrow(3, 1, c.top_k - 1);
+  EXPECT_FALSE(((right != -1) & ((left == -1) | (right <= left))).any().item<bool>()) << c.name << ": bad order";
+  // kept mask over blocks [B, Sq, Hkv, Nb]
+  const at::Tensor slot = at::where(valid, idl, at::full_like(idl, nb));
+  const at::Tensor kept = at::zeros({c.b, c.sq, c.hkv, nb + 1}, gpu(at::kBool)).scatter_(3, slot, true).narrow(3, 0, nb);
+  const at::Tensor is_own = at::arange(nb, gpu(at::kLong)).view({1, 1, 1, nb}) == own.unsqueeze(-1);
+  const at::Tensor kept_min = at::where(kept & is_own.logical_not(), score, at::full_like(score, INFINITY)).amin(-1);
+  const at::Tensor out_max = at::where(kept.logical_not() & at::isfinite(score), score, at::full_like(score, -INFINITY)).amax(-1);
+  const double worst = (out_max - kept_min).max().item<double>();
+  EXPECT_LE(worst, tol) << c.name << ": a left-out block scores " << worst << " above a kept one";
+}
+
+void check_case(const Case& c) {
+  at::manual_seed(99);
+  const int64_t nb = (c.q_start + c.sq + c.block_size - 1) / c.block_size;
+  const at::Tensor q = at::randn({c.b, c.sq, c.hq, c.d}, gpu());
+  const at::Tensor k = at::randn({c.b, nb * c.block_size, c.hkv, c.d}, gpu());
+  const at::Tensor pooled = pool_keys(k, c.block_size);
+  SparseOptions opt;
+  opt.block_size = c.block_size;
+  opt.top_k = c.top_k;
+  opt.mode = c.mode;
+  opt.backend = Backend::kCuda;
+  const at::Tensor got = select_blocks(q, pooled, opt, c.q_start);
+  opt.backend = Backend::kReference;
+  const at::Tensor want = select_blocks(q.to(at::kFloat), pooled, opt, c.q_start);
+  const at::Tensor score = brute_force_scores(q, pooled, c);
+  const double g = static_cast<double>(c.hq / c.hkv);
+  expect_valid_top_k(got, score, c, 2e-5 * g);
+  const double agree = (got == want).all(-1).to(at::kDouble).mean().item<double>();
+  EXPECT_GE(agree, 0.98) << c.name << ": only " << agree << " of the rows equal the reference's";
+  if (c.mode == SelectionMode::kQueryBlock) {
+    const at::Tensor first = got.index_select(
+        1, at::div(at::arange(c.sq, gpu(at::kLong)), c.block_size, "floor") * c.block_size);
+    EXPECT_TRUE(at::equal(got, first)) << c.name << ": queries of one block got different sets";
+  }
+}
+
+TEST(CudaSelection, ValidTopKAndAgreesWithReference) {
+  SSA_REQUIRE_GPU();
+  const std::vector<Case> cases = {
+      // name, B, Sq, Hq, Hkv, D, block, top_k, q_start, mode
+      {"paper-like D64 G16 bs16 top16", 2, 2048, 32, 2, 64, 16, 16},
+      {"D128 G1 bs32 top8", 1, 1500, 8, 8, 128, 32, 8},
+      {"D64 G32 bs16 top64 (-1 slots)", 1, 1200, 32, 1, 64, 16, 64},
+      {"D128 G20 bs16 top12", 1, 700, 40, 2, 128, 16, 12},
+      {"q chunk at 1024, top 1", 1, 512, 16, 2, 64, 16, 1, 1024},
+      {"D64 G6 q chunk at 96", 1, 900, 12, 2, 64, 16, 5, 96},
+      {"query blocks of 64, partial last", 1, 1000, 32, 2, 64, 64, 4, 0, SelectionMode::kQueryBlock},
+      {"query blocks of 16, D128 G4", 2, 800, 8, 2, 128, 16, 8, 128, SelectionMode::kQueryBlock},
+  };
+  for (const Case& c : cases) check_case(c);
+}
+
+TEST(CudaSelection, TiesGoToTheLowerBlockId) {
+  SSA_REQUIRE_GPU();
+  // q = 0: every causal block scores the same; the own block plus the lowest ids win.
+  const at::Tensor q = at::zeros({1, 256, 8, 64}, gpu());
+  const at::Tensor k = at::randn({1, 256, 2, 64}, gpu());
+  SparseOptions opt;
+  opt.block_size = 16;
+  opt.top_k = 4;
+  opt.backend = Backend::kCuda;
+  const at::Tensor got = select_blocks(q, pool_keys(k, 16), opt);
+  opt.backend = Backend::kReference;
+  const at::Tensor want = select_blocks(q.to(at::kFloat), pool_keys(k, 16), opt);
+  EXPECT_TRUE(at::equal(got, want));
+  EXPECT_EQ(got[0][255][1][0].item<int>(), 0);
+  EXPECT_EQ(got[0][255][1][3].item<int>(), 15);
+}
+
+TEST(CudaStats, MatchesReference) {
+  SSA_REQUIRE_GPU();
+  struct StatsCase {
+    int64_t b, s, hq, hkv, d, block_size, top_k;
+  };
+  for (const StatsCase& c : {StatsCase{1, 1000, 8, 2, 64, 16, 8}, StatsCase{2, 700, 8, 8, 128, 64, 3}}) {
+    at::manual_seed(5);
+    const at::Tensor q = at::randn({c.b, c.s, c.hq, c.d}, gpu()) * 2;
+    const at::Tensor k = at::randn({c.b, c.s, c.hkv, c.d}, gpu());
+    SparseOptions opt;
+    opt.block_size = c.block_size;
+    opt.top_k = c.top_k;
+    const at::Tensor ids = select_blocks(q.to(at::kFloat), pool_keys(k, c.block_size), opt);
+    const AttentionStats got = attention_stats(q, k, ids, c.block_size, Backend::kCuda);
+    const AttentionStats want = attention_stats(q.to(at::kFloat), k.to(at::kFloat), ids, c.block_size, Backend::kReference);
+    EXPECT_EQ(got.count, want.count);
+    EXPECT_NEAR(got.sparsity, want.sparsity, 1e-4) << "D " << c.d;
+    EXPECT_NEAR(got.entropy_bits, want.entropy_bits, 1e-3) << "D " << c.d;
+    EXPECT_GT(want.sparsity, 0.05);  // the case is not degenerate
+  }
+}
+
+}  // namespace
+}  // namespace ssa::kernels
