@@ -100,6 +100,7 @@ void EvalConfig::visit(FieldVisitor& v) {
   v.integers("seq_lens", seq_lens, 2, kNoMax, "context lengths evaluated");
   v.integers("top_ks", top_ks, 1, kNoMax, "sparse budgets (blocks) evaluated");
   v.integer("batches", batches, 1, kNoMax, "sequences evaluated per context length");
+  v.boolean("at_end", at_end, "evaluate after the last training step (metrics, JSONL, table)");
 }
 
 namespace {

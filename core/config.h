@@ -131,6 +131,7 @@ struct EvalConfig {
   std::vector<int64_t> seq_lens{256};
   std::vector<int64_t> top_ks{2, 4, 8};
   int64_t batches = 8;
+  bool at_end = true;  // the trainer evaluates after its last step
   void visit(FieldVisitor& v);
 };
 

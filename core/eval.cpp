@@ -46,12 +46,16 @@ EvalReport run_eval(const Config& config_in, const std::filesystem::path& checkp
   Runtime rt = choose_runtime(config.train, 0);
   Transformer model(config.model, rt.device, rt.dtype, 0);
   load_model_weights(model, (checkpoint / "model.h5").string());
-  at::NoGradGuard no_grad;
-
-  EvalReport report;
+  EvalReport report = evaluate_model(config, model, rt);
   report.checkpoint = checkpoint.string();
+  return report;
+}
+
+EvalReport evaluate_model(const Config& config, const Transformer& model, const Runtime& rt) {
+  at::NoGradGuard no_grad;
+  EvalReport report;
   const auto& top_ks = config.eval.top_ks;
-  const int64_t n_layers = config.model.n_layers;
+  const int64_t n_layers = model.config().n_layers;
   for (int64_t seq_len : config.eval.seq_lens) {
     data::ReaderOptions ro;
     ro.dir = config.eval.data;

@@ -29,6 +29,12 @@ struct EvalReport {
   std::string to_table() const;
 };
 
+class Transformer;
+struct Runtime;
+
+// Evaluates `model` (on rt.device) with the eval section of `config`.
+EvalReport evaluate_model(const Config& config, const Transformer& model, const Runtime& rt);
+
 // Evaluates the model of `checkpoint` (a step folder) with `config` (its eval
 // section and device settings; model settings come from the checkpoint).
 EvalReport run_eval(const Config& config, const std::filesystem::path& checkpoint);

@@ -15,6 +15,7 @@
 
 #include "core/checkpoint.h"
 #include "core/cross_entropy.h"
+#include "core/eval.h"
 #include "core/model.h"
 #include "core/model_io.h"
 #include "core/run_state.h"
@@ -79,6 +80,7 @@ class Trainer {
   void resume(const fs::path& checkpoint);
   StepLosses train_step(const data::Batch& batch);
   void save_checkpoint(double* seconds);
+  void evaluate_at_end();
   void barrier() { grid_.world().barrier(); }
   parallel::Communicator* group_or_null(parallel::Communicator& c) { return c.size() > 1 ? &c : nullptr; }
 
@@ -238,6 +240,26 @@ void Trainer::save_checkpoint(double* seconds) {
   *seconds = seconds_since(t0);
 }
 
+void Trainer::evaluate_at_end() {
+  if (leader_) {
+    const auto report = evaluate_model(config_, *model_, runtime_);
+    fmt::print("eval after step {} (full vs sparse inference):\n{}", state_.step, report.to_table());
+    for (const auto& row : report.rows) {
+      monitoring::EvalRecord record;
+      record.step = state_.step;
+      record.seq_len = row.seq_len;
+      record.top_k = row.top_k;
+      record.full_perplexity = row.full_perplexity;
+      record.sparse_perplexity = row.sparse_perplexity;
+      record.sparsity = row.sparsity;
+      record.entropy_bits = row.entropy_bits;
+      exporter_->record_eval(record);
+      if (log_) log_->write(record);
+    }
+  }
+  barrier();
+}
+
 StepLosses Trainer::train_step(const data::Batch& batch) {
   const int64_t micro = config_.train.micro_batch;
   const int64_t n_micro = batch.rows / micro;
@@ -384,6 +406,7 @@ TrainOutcome Trainer::run() {
     }
   }
   if (leader_) fmt::print("training finished: {} steps, final loss {:.4f}\n", state_.step, last_loss);
+  if (config_.eval.at_end) evaluate_at_end();
   return TrainOutcome::kFinished;
 }
 

@@ -5,6 +5,7 @@
 
 #ifdef SSA_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -41,10 +42,14 @@ struct Gradients {
   at::Tensor dq, dk, dv;
 };
 
+// dq runs on the current stream while dk/dv run on a side stream (independent
+// work; each alone leaves the GPU partly idle); the current stream waits for the
+// side stream before the gradients are returned. index == null: no dk/dv.
 Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_ids,
                            const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
-                           const at::Tensor& dlse, const Shape& shape, bool deterministic) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+                           const at::Tensor& dlse, const Shape& shape, bool deterministic,
+                           const InvertedIndex* index_ptr) {
+  const c10::cuda::CUDAStream main_stream = at::cuda::getCurrentCUDAStream();
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, f32);
   at::Tensor lse_log2 = at::empty_like(delta);
@@ -56,7 +61,7 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
   prep.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
   prep.delta = delta.data_ptr<float>();
   prep.lse_log2 = lse_log2.data_ptr<float>();
-  SSA_CUDA_CHECK(launch_backward_prep(prep, stream));
+  SSA_CUDA_CHECK(launch_backward_prep(prep, main_stream));
 
   Gradients g;
   g.dq = at::empty_like(q);
@@ -70,53 +75,123 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
   dqp.delta = delta.data_ptr<float>();
   dqp.lse_log2 = lse_log2.data_ptr<float>();
   dqp.dq = bf16_mut(g.dq);
-  SSA_CUDA_CHECK(launch_backward_dq(dqp, stream));
+  SSA_CUDA_CHECK(launch_backward_dq(dqp, main_stream));
 
-  const InvertedIndex index = build_inverted_index(block_ids, shape);
-  BackwardDkdvParams kp;
-  kp.shape = shape;
-  kp.q = bf16_ptr(q);
-  kp.k = bf16_ptr(k);
-  kp.v = bf16_ptr(v);
-  kp.dout = bf16_ptr(dout);
-  kp.delta = delta.data_ptr<float>();
-  kp.lse_log2 = lse_log2.data_ptr<float>();
-  kp.entry_token = index.entry_token.data_ptr<int32_t>();
-  kp.item_bucket = index.item_bucket.data_ptr<int32_t>();
-  kp.item_begin = index.item_begin.data_ptr<int32_t>();
-  kp.item_end = index.item_end.data_ptr<int32_t>();
-  kp.n_items = index.n_items;
-  kp.tiles_per_block = index.tiles_per_block;
-  kp.token_chunk = index.token_chunk;
-  kp.n_token_chunks = index.n_token_chunks;
-  kp.block_first = index.block_first;
-  kp.blocks_per_chunk = index.blocks_per_chunk;
-  const int64_t d = q.size(3);
-  if (deterministic) {
-    // Partials per (item, key tile), summed in item order: identical bits every run.
-    at::Tensor partial_dk = at::empty({index.n_items * index.tiles_per_block, kKeyTile, d}, f32);
-    at::Tensor partial_dv = at::empty_like(partial_dk);
-    kp.partial_dk = partial_dk.data_ptr<float>();
-    kp.partial_dv = partial_dv.data_ptr<float>();
-    SSA_CUDA_CHECK(launch_backward_dkdv(kp, stream));
-    g.dk = at::empty_like(k);
-    g.dv = at::empty_like(v);
-    DkdvReduceParams rp;
-    rp.work = kp;
-    rp.bucket_item_begin = index.bucket_item_begin.data_ptr<int32_t>();
-    rp.dk = bf16_mut(g.dk);
-    rp.dv = bf16_mut(g.dv);
-    SSA_CUDA_CHECK(launch_dkdv_reduce(rp, stream));
-  } else {
-    at::Tensor dk_acc = at::zeros(k.sizes(), f32);
-    at::Tensor dv_acc = at::zeros(v.sizes(), f32);
-    kp.dk_acc = dk_acc.data_ptr<float>();
-    kp.dv_acc = dv_acc.data_ptr<float>();
-    SSA_CUDA_CHECK(launch_backward_dkdv(kp, stream));
-    g.dk = dk_acc.to(at::kBFloat16);
-    g.dv = dv_acc.to(at::kBFloat16);
+  if (index_ptr == nullptr) return g;  // k and v need no gradient
+
+  // Side stream: starts after prep (it reads delta and lse_log2).
+  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, q.device().index());
+  at::cuda::CUDAEvent prep_done;
+  prep_done.record(main_stream);
+  prep_done.block(side);
+  {
+    const c10::cuda::CUDAStreamGuard on_side(side);
+    const InvertedIndex& index = *index_ptr;
+    BackwardDkdvParams kp;
+    kp.shape = shape;
+    kp.q = bf16_ptr(q);
+    kp.k = bf16_ptr(k);
+    kp.v = bf16_ptr(v);
+    kp.dout = bf16_ptr(dout);
+    kp.delta = delta.data_ptr<float>();
+    kp.lse_log2 = lse_log2.data_ptr<float>();
+    kp.entry_token = index.entry_token.data_ptr<int32_t>();
+    kp.item_bucket = index.item_bucket.data_ptr<int32_t>();
+    kp.item_begin = index.item_begin.data_ptr<int32_t>();
+    kp.item_end = index.item_end.data_ptr<int32_t>();
+    kp.n_items = index.n_items;
+    kp.tiles_per_block = index.tiles_per_block;
+    kp.token_chunk = index.token_chunk;
+    kp.n_token_chunks = index.n_token_chunks;
+    kp.block_first = index.block_first;
+    kp.blocks_per_chunk = index.blocks_per_chunk;
+    const int64_t d = q.size(3);
+    if (deterministic) {
+      // Partials per (item, key tile), summed in item order: identical bits every run.
+      at::Tensor partial_dk = at::empty({index.n_items * index.tiles_per_block, kKeyTile, d}, f32);
+      at::Tensor partial_dv = at::empty_like(partial_dk);
+      kp.partial_dk = partial_dk.data_ptr<float>();
+      kp.partial_dv = partial_dv.data_ptr<float>();
+      SSA_CUDA_CHECK(launch_backward_dkdv(kp, side));
+      g.dk = at::empty_like(k);
+      g.dv = at::empty_like(v);
+      DkdvReduceParams rp;
+      rp.work = kp;
+      rp.bucket_item_begin = index.bucket_item_begin.data_ptr<int32_t>();
+      rp.dk = bf16_mut(g.dk);
+      rp.dv = bf16_mut(g.dv);
+      SSA_CUDA_CHECK(launch_dkdv_reduce(rp, side));
+    } else {
+      at::Tensor dk_acc = at::zeros(k.sizes(), f32);
+      at::Tensor dv_acc = at::zeros(v.sizes(), f32);
+      kp.dk_acc = dk_acc.data_ptr<float>();
+      kp.dv_acc = dv_acc.data_ptr<float>();
+      SSA_CUDA_CHECK(launch_backward_dkdv(kp, side));
+      g.dk = dk_acc.to(at::kBFloat16);
+      g.dv = dv_acc.to(at::kBFloat16);
+    }
+    // dk, dv were allocated on the side stream and are used on the main one next.
+    g.dk.record_stream(main_stream);
+    g.dv.record_stream(main_stream);
   }
+  at::cuda::CUDAEvent side_done;
+  side_done.record(side);
+  side_done.block(main_stream);
   return g;
+}
+
+// The inverted index for dk/dv depends only on the block ids: when dk or dv will be
+// needed it is built during the forward on a side stream (its many small kernels
+// and one host sync overlap the forward kernel) and kept for the backward.
+InvertedIndex build_index_beside(const at::Tensor& block_ids, const Shape& shape) {
+  const c10::cuda::CUDAStream main_stream = at::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, block_ids.device().index());
+  at::cuda::CUDAEvent ids_ready;
+  ids_ready.record(main_stream);
+  ids_ready.block(side);
+  InvertedIndex index;
+  {
+    const c10::cuda::CUDAStreamGuard on_side(side);
+    index = build_inverted_index(block_ids, shape);
+    for (at::Tensor* t : {&index.entry_token, &index.item_bucket, &index.item_begin, &index.item_end,
+                          &index.bucket_item_begin}) {
+      t->record_stream(main_stream);
+    }
+  }
+  at::cuda::CUDAEvent index_done;
+  index_done.record(side);
+  index_done.block(main_stream);
+  return index;
+}
+
+void save_index(AutogradContext* ctx, const InvertedIndex& index) {
+  ctx->saved_data["index.entry_token"] = index.entry_token;
+  ctx->saved_data["index.item_bucket"] = index.item_bucket;
+  ctx->saved_data["index.item_begin"] = index.item_begin;
+  ctx->saved_data["index.item_end"] = index.item_end;
+  ctx->saved_data["index.bucket_item_begin"] = index.bucket_item_begin;
+  ctx->saved_data["index.n_items"] = index.n_items;
+  ctx->saved_data["index.tiles_per_block"] = static_cast<int64_t>(index.tiles_per_block);
+  ctx->saved_data["index.token_chunk"] = static_cast<int64_t>(index.token_chunk);
+  ctx->saved_data["index.n_token_chunks"] = static_cast<int64_t>(index.n_token_chunks);
+  ctx->saved_data["index.block_first"] = static_cast<int64_t>(index.block_first);
+  ctx->saved_data["index.blocks_per_chunk"] = static_cast<int64_t>(index.blocks_per_chunk);
+}
+
+InvertedIndex load_index(AutogradContext* ctx) {
+  InvertedIndex index;
+  index.entry_token = ctx->saved_data["index.entry_token"].toTensor();
+  index.item_bucket = ctx->saved_data["index.item_bucket"].toTensor();
+  index.item_begin = ctx->saved_data["index.item_begin"].toTensor();
+  index.item_end = ctx->saved_data["index.item_end"].toTensor();
+  index.bucket_item_begin = ctx->saved_data["index.bucket_item_begin"].toTensor();
+  index.n_items = ctx->saved_data["index.n_items"].toInt();
+  index.tiles_per_block = static_cast<int>(ctx->saved_data["index.tiles_per_block"].toInt());
+  index.token_chunk = static_cast<int>(ctx->saved_data["index.token_chunk"].toInt());
+  index.n_token_chunks = static_cast<int>(ctx->saved_data["index.n_token_chunks"].toInt());
+  index.block_first = static_cast<int>(ctx->saved_data["index.block_first"].toInt());
+  index.blocks_per_chunk = static_cast<int>(ctx->saved_data["index.blocks_per_chunk"].toInt());
+  return index;
 }
 
 // Autograd node: inputs q, k, v (bf16, contiguous), block_ids; outputs out, lse.
@@ -124,7 +199,7 @@ class SparseAttentionFunction : public torch::autograd::Function<SparseAttention
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& block_ids, int64_t block_size, int64_t q_start, int64_t k_start,
-                               bool deterministic) {
+                               bool deterministic, bool kv_grad) {
     const Shape shape = make_shape("sparse_attention", q, k, block_ids.size(3), block_size, q_start, k_start);
     AttentionResult r = forward_kernel(q, k, v, block_ids, shape);
     ctx->save_for_backward({q, k, v, block_ids, r.out, r.lse});
@@ -132,6 +207,8 @@ class SparseAttentionFunction : public torch::autograd::Function<SparseAttention
     ctx->saved_data["q_start"] = q_start;
     ctx->saved_data["k_start"] = k_start;
     ctx->saved_data["deterministic"] = deterministic;
+    ctx->saved_data["has_index"] = kv_grad;
+    if (kv_grad) save_index(ctx, build_index_beside(block_ids, shape));
     return {r.out, r.lse};
   }
 
@@ -145,9 +222,12 @@ class SparseAttentionFunction : public torch::autograd::Function<SparseAttention
     const c10::cuda::CUDAGuard guard(q.device());
     at::Tensor dout = grads[0].defined() ? grads[0].to(at::kBFloat16).contiguous() : at::zeros_like(out);
     at::Tensor dlse = grads[1].defined() ? grads[1].to(at::kFloat).contiguous() : at::Tensor();
+    InvertedIndex index;
+    const bool has_index = ctx->saved_data["has_index"].toBool();
+    if (has_index) index = load_index(ctx);
     Gradients g = backward_kernels(q, k, v, block_ids, out, lse, dout, dlse, shape,
-                                   ctx->saved_data["deterministic"].toBool());
-    return {g.dq, g.dk, g.dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+                                   ctx->saved_data["deterministic"].toBool(), has_index ? &index : nullptr);
+    return {g.dq, g.dk, g.dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -167,9 +247,11 @@ AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const
     throw std::runtime_error(fmt::format("kernels::cuda::{}: block_ids must be int32 on {}", fn, q.device().str()));
   }
   const c10::cuda::CUDAGuard guard(q.device());
+  // dk / dv will be asked for: build their index during the forward.
+  const bool kv_grad = at::GradMode::is_enabled() && (k.requires_grad() || v.requires_grad());
   const variable_list r = SparseAttentionFunction::apply(q.contiguous(), k.contiguous(), v.contiguous(),
                                                          block_ids.contiguous(), options.block_size, q_start, k_start,
-                                                         options.deterministic);
+                                                         options.deterministic, kv_grad);
   return {r[0], r[1]};
 }
 

@@ -26,12 +26,12 @@ namespace ssa::kernels::cuda {
 namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
-constexpr int kWarps = 4;
+constexpr int kWarps = 8;
 constexpr int kChunk = 64;  // pooled blocks per shared-memory chunk
 
 template <int kD, int kMT>
 struct SelectConfig {
-  static constexpr int kUnits = kD == 64 ? 4 : 2;  // 16-head m-tiles per warp
+  static constexpr int kUnits = kD == 128 && kMT == 1 ? 1 : 2;  // 16-head tiles per warp
   static constexpr int kTokens = kUnits / kMT;      // tokens per warp per round
   static constexpr int kChunkBytes = kChunk * kD * 2;
   // Two buffers of (hi, lo) chunks, then the per-warp column sums of a chunk.
@@ -129,6 +129,54 @@ __device__ void stream_chunks(int n_chunks, int n_rows, bool with_lo, const __nv
   }
 }
 
+// B fragments of Q^T for one unit of 16 heads (head r at rows + r * kD; heads >=
+// rows_valid are zero): [n-tile of 8 heads][k-step][b0, b1].
+template <int kD>
+__device__ __forceinline__ void load_q_as_b(uint32_t (&f)[2][kD / 16][2], const __nv_bfloat16* rows, int rows_valid,
+                                            int lane) {
+  const int group = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+    const int head = nt * 8 + group;
+    const bool ok = head < rows_valid;
+    const uint32_t* r = reinterpret_cast<const uint32_t*>(rows + head * kD + tig * 2);
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      f[nt][ks][0] = ok ? __ldg(r + ks * 8) : 0u;
+      f[nt][ks][1] = ok ? __ldg(r + ks * 8 + 4) : 0u;
+    }
+  }
+}
+
+// S^T [16 blocks x 16 heads] per unit for the m-tile of blocks at `tile` (rows are
+// blocks): acc[u][nt] holds blocks group / group + 8, heads nt * 8 + tig * 2 (+1).
+template <int kD, int kUnits, bool kWithLo>
+__device__ __forceinline__ void block_logits(float (&acc)[kUnits][2][4], const uint32_t (&qb)[kUnits][2][kD / 16][2],
+                                             uint32_t hi_tile, uint32_t lo_tile, int lane) {
+#pragma unroll
+  for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[u][nt][e] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    uint32_t a[4];
+    device::ldmatrix_x4(a, device::ldm_rows_as_m<kD>(hi_tile, lane, ks));
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) device::mma_bf16(acc[u][nt], a, qb[u][nt][ks][0], qb[u][nt][ks][1]);
+    if (kWithLo) {
+      device::ldmatrix_x4(a, device::ldm_rows_as_m<kD>(lo_tile, lane, ks));
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) device::mma_bf16(acc[u][nt], a, qb[u][nt][ks][0], qb[u][nt][ks][1]);
+    }
+  }
+}
+
 template <int kD, int kMT>
 __global__ void __launch_bounds__(kWarps * 32) select_kernel(const SelectParams p) {
   using C = SelectConfig<kD, kMT>;
@@ -137,9 +185,9 @@ __global__ void __launch_bounds__(kWarps * 32) select_kernel(const SelectParams 
   float* colsum = reinterpret_cast<float*>(smem + 4 * C::kChunkBytes);  // [kWarps][kChunk]
   const Shape& s = p.shape;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int tig = lane & 3;
+  const int group = lane >> 2, tig = lane & 3;
   const int group_size = s.hq / s.hkv, bs = s.block_size, top_k = s.top_k;
-  const float scale_log2 = device::kLog2e / sqrtf(static_cast<float>(kD));
+  const float scale = device::kLog2e / sqrtf(static_cast<float>(kD));  // logits -> log2 units
 
   // CTA -> (b, kv head, token tile), the latest (heaviest) tiles first.
   const int tile_tokens = p.per_query_block ? bs : kWarps * kTokens;
@@ -165,75 +213,82 @@ __global__ void __launch_bounds__(kWarps * 32) select_kernel(const SelectParams 
   const int per_round = kWarps * kTokens;
   const int rounds = (t_end - t_begin + per_round - 1) / per_round;
   for (int round = 0; round < rounds; ++round) {
-    int token[kTokens], n_causal[kTokens], rows_valid[kUnits];
-    uint32_t qf[kUnits][kD / 16][4];
+    int token[kTokens], n_causal[kTokens];
+    int causal_min = INT_MAX;  // blocks every valid token of this warp sees
+    uint32_t qb[kUnits][2][kD / 16][2];
 #pragma unroll
     for (int i = 0; i < kTokens; ++i) {
       token[i] = t_begin + round * per_round + warp * kTokens + i;
       const bool valid = token[i] < t_end;
       n_causal[i] = valid ? static_cast<int>((s.q_start + token[i]) / bs) + 1 : 0;
+      if (valid) causal_min = min(causal_min, n_causal[i]);
 #pragma unroll
       for (int ms = 0; ms < kMT; ++ms) {
-        const int u = i * kMT + ms;
-        rows_valid[u] = valid ? min(16, group_size - ms * 16) : 0;
-        const int64_t row0 = (static_cast<int64_t>(b) * s.sq + (valid ? token[i] : 0)) * s.hq + kvh * group_size + ms * 16;
-        device::load_a_rows<kD>(qf[u], p.q + row0 * kD, rows_valid[u], lane);
+        const int64_t row0 =
+            (static_cast<int64_t>(b) * s.sq + (valid ? token[i] : 0)) * s.hq + kvh * group_size + ms * 16;
+        load_q_as_b<kD>(qb[i * kMT + ms], p.q + row0 * kD, valid ? min(16, group_size - ms * 16) : 0, lane);
       }
     }
 
-    // Pass 1: per-thread running max / sum of its columns, rows group and group + 8.
-    float m[kUnits][2], l[kUnits][2];
-#pragma unroll
-    for (int u = 0; u < kUnits; ++u) m[u][0] = m[u][1] = -INFINITY, l[u][0] = l[u][1] = 0.f;
-    stream_chunks<kD>(n_chunks, p.n_blocks, false, hi, lo, buffers, [&](int c, uint32_t hi_tile, uint32_t) {
-      for (int pair = 0; pair < kChunk / 16; ++pair) {
-        const int j0 = c * kChunk + pair * 16;
-        if (j0 >= n_blocks_cta) break;
-        float sc[kUnits][2][4] = {};
-#pragma unroll
-        for (int ks = 0; ks < kD / 16; ++ks) {
-          uint32_t bf[4];
-          device::ldmatrix_x4(bf, device::ldm_rows_as_n<kD>(hi_tile + pair * 16 * kD * 2, lane, ks));
-#pragma unroll
-          for (int u = 0; u < kUnits; ++u) {
-            device::mma_bf16(sc[u][0], qf[u][ks], bf[0], bf[1]);
-            device::mma_bf16(sc[u][1], qf[u][ks], bf[2], bf[3]);
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kUnits; ++u)
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int j = j0 + nt * 8 + tig * 2 + (e & 1);
-              if (j >= n_causal[u / kMT]) continue;
-              const float x = sc[u][nt][e] * scale_log2;
-              float& mr = m[u][e >> 1];
-              float& lr = l[u][e >> 1];
-              if (x > mr) {
-                lr *= exp2f(mr - x);
-                mr = x;
-              }
-              lr += exp2f(x - mr);
-            }
-      }
-    });
-    // Row normalisers: combine the quad's partial (max, sum).
-    float m_use[kUnits][2], inv_l[kUnits][2];
+    // Pass 1: per head (this thread's 4 heads per unit) the running max m (raw
+    // logits) and sum l of 2^((x - m) * scale) over the thread's blocks.
+    float m[kUnits][4], l[kUnits][4];
 #pragma unroll
     for (int u = 0; u < kUnits; ++u)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float mx = device::quad_max(m[u][r]);
-        const float part = m[u][r] == -INFINITY ? 0.f : l[u][r] * exp2f(m[u][r] - mx);
-        const float sum = device::quad_sum(part);
-        const bool row_ok = (lane >> 2) + 8 * r < rows_valid[u] && sum > 0.f;
-        m_use[u][r] = row_ok ? mx : 0.f;
-        inv_l[u][r] = row_ok ? 1.f / sum : 0.f;
+      for (int h = 0; h < 4; ++h) m[u][h] = -INFINITY, l[u][h] = 0.f;
+    stream_chunks<kD>(n_chunks, p.n_blocks, false, hi, lo, buffers, [&](int c, uint32_t hi_tile, uint32_t) {
+      for (int step = 0; step < kChunk / 16; ++step) {
+        const int j0 = c * kChunk + step * 16;
+        if (j0 >= n_blocks_cta) break;
+        float acc[kUnits][2][4];
+        block_logits<kD, kUnits, false>(acc, qb, hi_tile + step * 16 * kD * 2, 0, lane);
+        const bool full = j0 + 16 <= causal_min;
+#pragma unroll
+        for (int u = 0; u < kUnits; ++u) {
+          const int nc = n_causal[u / kMT];
+#pragma unroll
+          for (int h = 0; h < 4; ++h) {
+            float x0 = acc[u][h >> 1][h & 1], x1 = acc[u][h >> 1][2 + (h & 1)];
+            if (!full) {
+              x0 = j0 + group < nc ? x0 : -INFINITY;
+              x1 = j0 + group + 8 < nc ? x1 : -INFINITY;
+            }
+            const float mx = fmaxf(x0, x1);
+            if (mx == -INFINITY) continue;
+            if (mx > m[u][h]) {
+              l[u][h] *= exp2f((m[u][h] - mx) * scale);
+              m[u][h] = mx;
+            }
+            const float ms = m[u][h] * scale;
+            l[u][h] += exp2f(fmaf(x0, scale, -ms)) + exp2f(fmaf(x1, scale, -ms));
+          }
+        }
+      }
+    });
+    // Combine over the 8 groups (blocks), then bias = log2 of the normaliser in
+    // scaled units: p = 2^(x * scale - bias). Padded heads and tokens get +inf (p = 0).
+    float bias[kUnits][4];
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        float mu = m[u][h], lu = l[u][h];
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {
+          const float mo = __shfl_xor_sync(kFull, mu, off), lo2 = __shfl_xor_sync(kFull, lu, off);
+          const float mn = fmaxf(mu, mo);
+          const float a = mu == -INFINITY ? 0.f : lu * exp2f((mu - mn) * scale);
+          const float c2 = mo == -INFINITY ? 0.f : lo2 * exp2f((mo - mn) * scale);
+          mu = mn;
+          lu = a + c2;
+        }
+        const int head = (u % kMT) * 16 + (h >> 1) * 8 + tig * 2 + (h & 1);
+        const bool ok = head < group_size && n_causal[u / kMT] > 0 && lu > 0.f;
+        bias[u][h] = ok ? mu * scale + log2f(lu) : INFINITY;
       }
 
-    // Pass 2: group-summed probabilities -> running top-k (or the query block's row).
+    // Pass 2: group sums of the probabilities -> running top-k (or the query block's row).
     TopK best[kTokens];
     float thr[kTokens];
 #pragma unroll
@@ -242,77 +297,53 @@ __global__ void __launch_bounds__(kWarps * 32) select_kernel(const SelectParams 
       thr[i] = best[i].threshold(top_k);
     }
     stream_chunks<kD>(n_chunks, p.n_blocks, true, hi, lo, buffers, [&](int c, uint32_t hi_tile, uint32_t lo_tile) {
-      for (int pair = 0; pair < kChunk / 16; ++pair) {
-        const int j0 = c * kChunk + pair * 16;
+      for (int step = 0; step < kChunk / 16; ++step) {
+        const int j0 = c * kChunk + step * 16;
         if (j0 >= n_blocks_cta) break;
-        float sc[kUnits][2][4] = {};
-#pragma unroll
-        for (int ks = 0; ks < kD / 16; ++ks) {
-          uint32_t bh[4], bl[4];
-          device::ldmatrix_x4(bh, device::ldm_rows_as_n<kD>(hi_tile + pair * 16 * kD * 2, lane, ks));
-          device::ldmatrix_x4(bl, device::ldm_rows_as_n<kD>(lo_tile + pair * 16 * kD * 2, lane, ks));
-#pragma unroll
-          for (int u = 0; u < kUnits; ++u) {
-            device::mma_bf16(sc[u][0], qf[u][ks], bh[0], bh[1]);
-            device::mma_bf16(sc[u][1], qf[u][ks], bh[2], bh[3]);
-            device::mma_bf16(sc[u][0], qf[u][ks], bl[0], bl[1]);
-            device::mma_bf16(sc[u][1], qf[u][ks], bl[2], bl[3]);
-          }
-        }
-        float warp_sum[2][2] = {};  // query-block mode: this warp's tokens summed
+        float acc[kUnits][2][4];
+        block_logits<kD, kUnits, true>(acc, qb, hi_tile + step * 16 * kD * 2, lo_tile + step * 16 * kD * 2, lane);
+        float warp_sum[2] = {0.f, 0.f};  // query-block mode: blocks group, group + 8 over the warp's tokens
 #pragma unroll
         for (int i = 0; i < kTokens; ++i) {
-          // v[nt][e]: column nt * 8 + tig * 2 + e summed over the token's heads.
-          float v[2][2] = {};
+          float v[2] = {0.f, 0.f};
 #pragma unroll
           for (int ms = 0; ms < kMT; ++ms) {
             const int u = i * kMT + ms;
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const int j = j0 + nt * 8 + tig * 2 + (e & 1);
-                const float prob = j < n_causal[i]
-                                       ? exp2f(fmaf(sc[u][nt][e], scale_log2, -m_use[u][e >> 1])) * inv_l[u][e >> 1]
-                                       : 0.f;
-                v[nt][e & 1] += prob;
-              }
+            for (int h = 0; h < 4; ++h) {
+              v[0] += exp2f(fmaf(acc[u][h >> 1][h & 1], scale, -bias[u][h]));
+              v[1] += exp2f(fmaf(acc[u][h >> 1][2 + (h & 1)], scale, -bias[u][h]));
+            }
           }
 #pragma unroll
-          for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              v[nt][e] += __shfl_xor_sync(kFull, v[nt][e], 4);
-              v[nt][e] += __shfl_xor_sync(kFull, v[nt][e], 8);
-              v[nt][e] += __shfl_xor_sync(kFull, v[nt][e], 16);
-              warp_sum[nt][e] += v[nt][e];
-            }
+          for (int r = 0; r < 2; ++r) {
+            v[r] += __shfl_xor_sync(kFull, v[r], 1);
+            v[r] += __shfl_xor_sync(kFull, v[r], 2);
+            v[r] = j0 + group + 8 * r < n_causal[i] ? v[r] : 0.f;
+            warp_sum[r] += v[r];
+          }
           if (p.per_query_block) continue;
           const int own = n_causal[i] - 1;
+          // Blocks j0 .. j0 + 7 (r = 0) then j0 + 8 .. j0 + 15, each in lane order:
+          // ascending ids keep the tie rule.
 #pragma unroll
-          for (int nt = 0; nt < 2; ++nt) {
-            const int jt = j0 + nt * 8 + tig * 2;
-            const bool want = (jt < n_causal[i] && jt != own && v[nt][0] > thr[i]) ||
-                              (jt + 1 < n_causal[i] && jt + 1 != own && v[nt][1] > thr[i]);
-            if (!__any_sync(kFull, want)) continue;
-            // Ascending block order keeps the tie rule (lower id first).
-            for (int src = 0; src < 4; ++src)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const float score = __shfl_sync(kFull, v[nt][e], src);
-                const int j = j0 + nt * 8 + src * 2 + e;
-                if (j < n_causal[i] && j != own && score > thr[i]) {
-                  best[i].insert(score, j, lane);
-                  thr[i] = best[i].threshold(top_k);
-                }
+          for (int r = 0; r < 2; ++r) {
+            const int j = j0 + group + 8 * r;
+            unsigned want = __ballot_sync(kFull, tig == 0 && j < n_causal[i] && j != own && v[r] > thr[i]);
+            while (want != 0) {
+              const int src = __ffs(want) - 1;
+              want &= want - 1;
+              const float score = __shfl_sync(kFull, v[r], src);
+              if (score > thr[i]) {
+                best[i].insert(score, j0 + (src >> 2) + 8 * r, lane);
+                thr[i] = best[i].threshold(top_k);
               }
+            }
           }
         }
-        if (p.per_query_block && lane < 4) {
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) colsum[warp * kChunk + pair * 16 + nt * 8 + tig * 2 + e] = warp_sum[nt][e];
+        if (p.per_query_block && tig == 0) {
+          colsum[warp * kChunk + step * 16 + group] = warp_sum[0];
+          colsum[warp * kChunk + step * 16 + group + 8] = warp_sum[1];
         }
       }
       if (p.per_query_block) {

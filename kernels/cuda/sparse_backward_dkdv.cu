@@ -98,6 +98,8 @@ __global__ void __launch_bounds__(kWarps * 32) backward_dkdv_kernel(const Backwa
   device::stage_rows<kD>(v_tile, p.v + head_offset, row_stride, it.tile_start, k_lo, k_hi, lane);
   device::cp_async_commit();
 
+  const int key_lo = it.lo > it.tile_start ? static_cast<int>(it.lo - it.tile_start) : 0;
+
   // Work units: (entry e, head tile mt), e-major.
   const int units = (it.end - it.begin) * mtiles;
   auto stage = [&](int slot, int unit) {
@@ -160,6 +162,11 @@ __global__ void __launch_bounds__(kWarps * 32) backward_dkdv_kernel(const Backwa
     float st[2][4], dpt[2][4];  // [keys x query rows]
     device::mma_a_tile_t<kD>(st, kf, q_tile, lane);
     device::mma_a_tile_t<kD>(dpt, vf, do_tile, lane);
+    // Keys (rows) this query sees: [key_lo, key_hi) relative to the tile start.
+    // Padded query rows have zero q, do, lse and delta and add nothing.
+    const int64_t seen = min(it.hi, qpos + 1) - it.tile_start;
+    const int key_hi = seen < kKeyTile ? static_cast<int>(seen) : kKeyTile;
+    const bool full = key_lo == 0 && key_hi == kKeyTile;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
       const int col = nt * 8 + tig * 2;
@@ -167,11 +174,11 @@ __global__ void __launch_bounds__(kWarps * 32) backward_dkdv_kernel(const Backwa
       const float2 dl = *reinterpret_cast<const float2*>(delta + col);
 #pragma unroll
       for (int e2 = 0; e2 < 4; ++e2) {
-        const int64_t kp = it.tile_start + group + 8 * (e2 >> 1);
+        const int key = group + 8 * (e2 >> 1);
         const float lse_c = (e2 & 1) ? l2.y : l2.x;
         const float delta_c = (e2 & 1) ? dl.y : dl.x;
-        const bool valid = kp >= it.lo && kp < it.hi && kp <= qpos && lse_c != -INFINITY;
-        const float prob = valid ? exp2f(st[nt][e2] * scale_log2 - lse_c) : 0.f;
+        const bool valid = full || (key >= key_lo && key < key_hi);
+        const float prob = valid ? exp2f(fmaf(st[nt][e2], scale_log2, -lse_c)) : 0.f;
         st[nt][e2] = prob;
         dpt[nt][e2] = prob * (dpt[nt][e2] - delta_c);
       }

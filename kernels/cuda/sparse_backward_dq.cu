@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kWarps * 32) backward_dq_kernel(const Backward
   for (int r = 0; r < 2; ++r) {
     const int row = group + 8 * r;
     const bool ok = row < rows_valid;
-    lse2[r] = ok ? p.lse_log2[row0 + row] : -INFINITY;
+    lse2[r] = ok ? p.lse_log2[row0 + row] : INFINITY;  // padded rows: p = 0
     delta[r] = ok ? p.delta[row0 + row] : 0.f;
   }
 
@@ -149,14 +149,15 @@ __global__ void __launch_bounds__(kWarps * 32) backward_dq_kernel(const Backward
     float sc[2][4], dp[2][4];
     device::mma_a_tile_t<kD>(sc, qf, k_tile, lane);
     device::mma_a_tile_t<kD>(dp, dof, v_tile, lane);
+    const device::TileColumns cols = device::visible_columns(tile, qpos);
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        const int64_t kp = tile.start + nt * 8 + tig * 2 + (e & 1);
-        const bool valid = kp >= tile.lo && kp < tile.hi && kp <= qpos && lse2[r] != -INFINITY;
-        const float prob = valid ? exp2f(sc[nt][e] * scale_log2 - lse2[r]) : 0.f;
+        const int c = nt * 8 + tig * 2 + (e & 1);
+        const bool valid = cols.full || (c >= cols.lo && c < cols.hi);
+        const float prob = valid ? exp2f(fmaf(sc[nt][e], scale_log2, -lse2[r])) : 0.f;
         sc[nt][e] = prob * (dp[nt][e] - delta[r]);  // dS
       }
     uint32_t ds[4];

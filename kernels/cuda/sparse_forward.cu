@@ -101,14 +101,14 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_forward_kernel(const Forwa
 
     float sc[2][4];
     device::mma_a_tile_t<kD>(sc, qf, k_tile, lane);
+    const device::TileColumns cols = device::visible_columns(tile, qpos);
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int64_t kp = tile.start + nt * 8 + tig * 2 + (e & 1);
-        const bool valid = kp >= tile.lo && kp < tile.hi && kp <= qpos;
-        sc[nt][e] = valid ? sc[nt][e] * scale_log2 : -INFINITY;
+        const int c = nt * 8 + tig * 2 + (e & 1);
+        sc[nt][e] = cols.full || (c >= cols.lo && c < cols.hi) ? sc[nt][e] * scale_log2 : -INFINITY;
         tile_max[e >> 1] = fmaxf(tile_max[e >> 1], sc[nt][e]);
       }
 #pragma unroll

@@ -19,6 +19,21 @@ struct KeyTile {
   int64_t hi = 0;
 };
 
+// Columns [lo, hi) of a tile (relative to its start) that a query at qpos sees.
+// full: all 16, so the per-element mask can be skipped (most tiles).
+struct TileColumns {
+  int lo, hi;
+  bool full;
+};
+__device__ __forceinline__ TileColumns visible_columns(const KeyTile& t, int64_t qpos) {
+  const int64_t end = t.hi < qpos + 1 ? t.hi : qpos + 1;
+  TileColumns c;
+  c.lo = t.lo > t.start ? static_cast<int>(t.lo - t.start) : 0;
+  c.hi = end - t.start < kKeyTile ? static_cast<int>(end - t.start) : kKeyTile;
+  c.full = c.lo == 0 && c.hi == kKeyTile;
+  return c;
+}
+
 // Yields, in slot order, the tiles of the selected blocks that hold at least one
 // key of the chunk [k_lo, k_hi) at or before q_max. Ids < 0 are skipped. Every
 // lane of a warp walks the same sequence (warp-uniform loads and branches).

@@ -8,7 +8,8 @@
 #   launch/slurm/local-cluster.sh stop DIR    # stops the daemons by their pid files
 #
 # Needs: root, Debian packages slurm-wlm, munge, libpmix2 (srun --mpi=pmix).
-# SSA_SLURM_PORT (default 6817) is slurmctld's port; slurmd uses the next one.
+# SSA_SLURM_PORT is slurmctld's port and slurmd uses the next one; by default the
+# first free pair from 6817 up, so two test clusters on one host do not collide.
 set -euo pipefail
 
 usage() { echo "usage: $0 start|stop DIR" >&2; exit 2; }
@@ -51,7 +52,14 @@ chmod 700 "$dir/munge"
 host=$(hostname -s)
 cpus=$(nproc)
 mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
-port=${SSA_SLURM_PORT:-6817}
+port_busy() { ss -Hltn "( sport = :$1 )" 2>/dev/null | grep -q .; }
+port=${SSA_SLURM_PORT:-}
+if [[ -z $port ]]; then
+  for candidate in $(seq 6817 2 7999); do
+    if ! port_busy "$candidate" && ! port_busy $((candidate + 1)); then port=$candidate; break; fi
+  done
+  [[ -n $port ]] || { echo "$0: no free port pair in 6817-8000" >&2; exit 1; }
+fi
 
 # munged with its own key and socket (the host's munged, if any, is left alone).
 key=$dir/munge/munge.key

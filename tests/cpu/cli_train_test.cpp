@@ -21,7 +21,7 @@ std::string tiny_args(const fs::path& data, const fs::path& run, int steps) {
          " --set model.hidden=32 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2"
          " --set model.ffn_hidden=64 --set train.seq_len=64 --set train.global_batch=4 --set train.micro_batch=2"
          " --set attention.top_k=2 --set checkpoint.every=2 --set monitoring.enabled=false"
-         " --set monitoring.progress_every=1 --set train.steps=" + std::to_string(steps);
+         " --set monitoring.progress_every=1 --set eval.at_end=false --set train.steps=" + std::to_string(steps);
 }
 
 std::vector<nlohmann::json> step_lines(const fs::path& run) {
@@ -158,4 +158,36 @@ TEST_F(TrainCli, BaselineModesAndBadInput) {
   r = run_ssa(tiny_args(dir_ / "no-such-data", dir_ / "bad2", 2));
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_NE(r.output.find("no-such-data"), std::string::npos) << r.output;
+}
+
+TEST_F(TrainCli, EvaluatesAtTheEndAndWithSsaEval) {
+  const auto run = dir_ / "eval";
+  const std::string eval_args = " --set eval.data=" + (data_ / "val").string() +
+                                " --set eval.seq_lens=[64] --set eval.top_ks=[1,4] --set eval.batches=2";
+  auto r = run_ssa(tiny_args(data_, run, 3) + " --set eval.at_end=true" + eval_args);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("sparse PPL"), std::string::npos) << r.output;
+  int eval_lines = 0;
+  std::ifstream in(run / "metrics.jsonl");
+  for (std::string line; std::getline(in, line);) eval_lines += nlohmann::json::parse(line)["kind"] == "eval";
+  EXPECT_EQ(eval_lines, 2);
+
+  r = run_ssa("eval --run-dir " + run.string() + eval_args);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto report = nlohmann::json::parse(std::ifstream(run / "eval.json"));
+  ASSERT_EQ(report["rows"].size(), 2u);
+  const auto& k1 = report["rows"][0];
+  const auto& k4 = report["rows"][1];
+  // 64 tokens = 4 blocks of 16: a budget of 4 blocks is full attention.
+  EXPECT_NEAR(k4["sparsity"].get<double>(), 1.0, 1e-6);
+  EXPECT_NEAR(k4["sparse_perplexity"].get<double>(), k4["full_perplexity"].get<double>(), 1e-3);
+  EXPECT_LT(k1["sparsity"].get<double>(), 1.0);
+  EXPECT_GT(k1["sparsity"].get<double>(), 0.0);
+  EXPECT_GT(k1["entropy_bits"].get<double>(), 0.0);
+  EXPECT_LE(k1["entropy_bits"].get<double>(), 6.0 + 1e-9) << "at most log2(64) bits";
+  EXPECT_EQ(k1["layer_sparsity"].size(), 2u);
+
+  r = run_ssa("eval --run-dir " + (dir_ / "no-run").string());
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("no checkpoint"), std::string::npos) << r.output;
 }

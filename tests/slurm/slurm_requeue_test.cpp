@@ -199,10 +199,11 @@ TEST_F(SlurmCluster, TrainingIsPreemptedRequeuedAndResumed) {
     for (int i = 0; i < 3000; ++i) {
       f << "Line " << i << ": the quick brown fox jumps over the lazy dog while sparse attention keeps "
         << (i % 7) << " blocks.\n";
+      if (i % 20 == 19) f << "\n";  // documents are separated by blank lines
     }
   }
   const fs::path data = dir_ / "data";
-  const Shell prep = sh(fmt::format("'{}' data prepare --input '{}' --output '{}' --val-fraction 0.05 -q", binary,
+  const Shell prep = sh(fmt::format("'{}' data prepare --input '{}' --output '{}' --split blank-lines --val-fraction 0.05 -q", binary,
                                     text.string(), data.string()));
   ASSERT_EQ(prep.status, 0) << prep.out;
   const int64_t steps = 40;
