@@ -12,7 +12,8 @@ get_filename_component(SSA_TORCH_LIB_DIR "${SSA_TORCH_INCLUDE_DIR}/../lib" ABSOL
 
 add_library(ssa_torch INTERFACE)
 if(SSA_CUDA_RUNTIME)
-  set(TORCH_CUDA_ARCH_LIST 9.0 CACHE STRING "")
+  # 9.0a: wgmma and the tensor memory accelerator need the arch-specific target.
+  set(TORCH_CUDA_ARCH_LIST 9.0a CACHE STRING "")
   find_package(Torch REQUIRED)
   target_link_libraries(ssa_torch INTERFACE ${TORCH_LIBRARIES})
   target_include_directories(ssa_torch SYSTEM INTERFACE ${TORCH_INCLUDE_DIRS})

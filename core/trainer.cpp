@@ -110,6 +110,7 @@ std::vector<parallel::Parameter> optimizer_parameters(const Transformer& model) 
 
 void Trainer::start() {
   mode_ = parse_attention_mode(config_.attention.mode);
+  grid_.bind_device(runtime_.device.type());  // CUDA: device = local rank, NCCL communicators
   if (leader_) {
     fs::create_directories(run_dir_);
     fmt::print("ssa train: run {} | grid dp={} cp={} | device {} {} | resolved config:\n{}\n", run_dir_.string(),

@@ -100,6 +100,7 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
     kp.item_begin = index.item_begin.data_ptr<int32_t>();
     kp.item_end = index.item_end.data_ptr<int32_t>();
     kp.n_items = index.n_items;
+    kp.n_items_device = index.n_items_device.data_ptr<int32_t>();
     kp.tiles_per_block = index.tiles_per_block;
     kp.token_chunk = index.token_chunk;
     kp.n_token_chunks = index.n_token_chunks;
@@ -143,7 +144,8 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
 // The inverted index for dk/dv depends only on the block ids: when dk or dv will be
 // needed it is built during the forward on a side stream (its many small kernels
 // and one host sync overlap the forward kernel) and kept for the backward.
-InvertedIndex build_index_beside(const at::Tensor& block_ids, const Shape& shape) {
+// deterministic: the exact item count is read back (it sizes the partial sums).
+InvertedIndex build_index_beside(const at::Tensor& block_ids, const Shape& shape, bool deterministic) {
   const c10::cuda::CUDAStream main_stream = at::cuda::getCurrentCUDAStream();
   const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, block_ids.device().index());
   at::cuda::CUDAEvent ids_ready;
@@ -152,9 +154,9 @@ InvertedIndex build_index_beside(const at::Tensor& block_ids, const Shape& shape
   InvertedIndex index;
   {
     const c10::cuda::CUDAStreamGuard on_side(side);
-    index = build_inverted_index(block_ids, shape);
+    index = build_inverted_index(block_ids, shape, deterministic);
     for (at::Tensor* t : {&index.entry_token, &index.item_bucket, &index.item_begin, &index.item_end,
-                          &index.bucket_item_begin}) {
+                          &index.bucket_item_begin, &index.n_items_device}) {
       t->record_stream(main_stream);
     }
   }
@@ -170,6 +172,7 @@ void save_index(AutogradContext* ctx, const InvertedIndex& index) {
   ctx->saved_data["index.item_begin"] = index.item_begin;
   ctx->saved_data["index.item_end"] = index.item_end;
   ctx->saved_data["index.bucket_item_begin"] = index.bucket_item_begin;
+  ctx->saved_data["index.n_items_device"] = index.n_items_device;
   ctx->saved_data["index.n_items"] = index.n_items;
   ctx->saved_data["index.tiles_per_block"] = static_cast<int64_t>(index.tiles_per_block);
   ctx->saved_data["index.token_chunk"] = static_cast<int64_t>(index.token_chunk);
@@ -185,6 +188,7 @@ InvertedIndex load_index(AutogradContext* ctx) {
   index.item_begin = ctx->saved_data["index.item_begin"].toTensor();
   index.item_end = ctx->saved_data["index.item_end"].toTensor();
   index.bucket_item_begin = ctx->saved_data["index.bucket_item_begin"].toTensor();
+  index.n_items_device = ctx->saved_data["index.n_items_device"].toTensor();
   index.n_items = ctx->saved_data["index.n_items"].toInt();
   index.tiles_per_block = static_cast<int>(ctx->saved_data["index.tiles_per_block"].toInt());
   index.token_chunk = static_cast<int>(ctx->saved_data["index.token_chunk"].toInt());
@@ -208,7 +212,7 @@ class SparseAttentionFunction : public torch::autograd::Function<SparseAttention
     ctx->saved_data["k_start"] = k_start;
     ctx->saved_data["deterministic"] = deterministic;
     ctx->saved_data["has_index"] = kv_grad;
-    if (kv_grad) save_index(ctx, build_index_beside(block_ids, shape));
+    if (kv_grad) save_index(ctx, build_index_beside(block_ids, shape, deterministic));
     return {r.out, r.lse};
   }
 

@@ -89,7 +89,8 @@ struct BackwardDkdvParams {
   const int32_t* item_bucket = nullptr;
   const int32_t* item_begin = nullptr;
   const int32_t* item_end = nullptr;
-  int64_t n_items = 0;
+  int64_t n_items = 0;             // items to launch for (an upper bound when n_items_device is set)
+  const int32_t* n_items_device = nullptr;  // the exact count, read on the GPU; warps past it exit
   int tiles_per_block = 0;
   int token_chunk = 0;       // tokens per chunk of the bucket key
   int n_token_chunks = 0;
@@ -112,6 +113,36 @@ struct DkdvReduceParams {
   __nv_bfloat16* dv = nullptr;
 };
 cudaError_t launch_dkdv_reduce(const DkdvReduceParams& p, cudaStream_t stream);
+
+// The inverted index for launch_backward_dkdv, built without host syncs. Buckets are
+// (b, kv head, token chunk, block); each token chunk is cut into sub-chunks of
+// sub_chunk tokens, one placement warp each. Steps (the scans are LibTorch cumsums
+// between the launches):
+//   count:  counts[(bucket, sub)] = entries of that sub-chunk in the bucket (counts zeroed)
+//   place:  cursors = exclusive scan of counts; entry_token[cursor++] = token, in a
+//           fixed order (sub-chunk, 32-token group, slot, lane): deterministic
+//   items:  item_count[bucket] = ceil(entries / kMaxEntriesPerItem), from `inclusive`
+//   fill:   item_bucket / item_begin / item_end from item_inclusive
+struct InvertedIndexParams {
+  Shape shape;
+  const int32_t* block_ids = nullptr;
+  int token_chunk = 0, sub_chunk = 0, subs_per_chunk = 0, n_token_chunks = 0;
+  int block_first = 0, blocks_per_chunk = 0;
+  int64_t n_buckets = 0;
+  int32_t* counts = nullptr;           // [n_buckets * subs_per_chunk]
+  int32_t* cursors = nullptr;          // [n_buckets * subs_per_chunk]
+  const int32_t* inclusive = nullptr;  // [n_buckets * subs_per_chunk]
+  int32_t* entry_token = nullptr;      // [B * Sq * Hkv * top_k]
+  int32_t* item_count = nullptr;       // [n_buckets]
+  const int32_t* item_inclusive = nullptr;  // [n_buckets]
+  int32_t* item_bucket = nullptr;      // [upper bound of items]
+  int32_t* item_begin = nullptr;
+  int32_t* item_end = nullptr;
+};
+cudaError_t launch_index_count(const InvertedIndexParams& p, cudaStream_t stream);
+cudaError_t launch_index_place(const InvertedIndexParams& p, cudaStream_t stream);
+cudaError_t launch_index_items(const InvertedIndexParams& p, cudaStream_t stream);
+cudaError_t launch_index_fill(const InvertedIndexParams& p, cudaStream_t stream);
 
 // Selection. pooled_hi + pooled_lo (bf16 each, [B, Hkv, Nb, D]) carry the fp32
 // pooled keys to about 16 bits of mantissa: the ranking pass uses both, the

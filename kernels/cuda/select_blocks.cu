@@ -7,7 +7,11 @@
 //   1. normalisers: per (token, head) the running max and sum of exp (log2 domain);
 //   2. probabilities, summed over the group in registers and shuffles, feeding a
 //      running top-k per token held across the warp (lane i: entries i, i + 32).
-// The mma's M dimension is the 16 heads of a group tile; N is 8 blocks.
+// The mma computes S^T: M = 16 pooled blocks (from shared memory, shared by every
+// token of the warp), N = 8 heads of the token's group (Q^T fragments held in
+// registers), so a block's sum over heads is a thread-local sum plus one quad
+// reduction. The causal mask is applied only on the steps that cross a token's
+// own block.
 // Pooled keys come as bf16 hi + lo parts; the ranking pass uses both (near fp32
 // logits, so ties and near-ties fall as in the fp32 reference), the normaliser
 // pass only hi. Query-block mode: the CTA owns one query block; its tokens'
@@ -32,7 +36,7 @@ constexpr int kChunk = 64;  // pooled blocks per shared-memory chunk
 template <int kD, int kMT>
 struct SelectConfig {
   static constexpr int kUnits = kD == 128 && kMT == 1 ? 1 : 2;  // 16-head tiles per warp
-  static constexpr int kTokens = kUnits / kMT;      // tokens per warp per round
+  static constexpr int kTokens = kUnits / kMT;                  // tokens per warp per round
   static constexpr int kChunkBytes = kChunk * kD * 2;
   // Two buffers of (hi, lo) chunks, then the per-warp column sums of a chunk.
   static constexpr int kSmem = 2 * 2 * kChunkBytes + kWarps * kChunk * 4;

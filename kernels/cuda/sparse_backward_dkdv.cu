@@ -73,13 +73,14 @@ __device__ Item decode_item(const BackwardDkdvParams& p, int64_t warp_index) {
 }
 
 template <int kD>
-__global__ void __launch_bounds__(kWarps * 32) backward_dkdv_kernel(const BackwardDkdvParams p) {
+__global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 3 : 1) backward_dkdv_kernel(const BackwardDkdvParams p) {
   constexpr int kStages = dkdv_stages<kD>();
   extern __shared__ __align__(128) unsigned char smem[];
   const Shape& s = p.shape;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (w >= p.n_items * p.tiles_per_block) return;
+  const int64_t n_items = p.n_items_device != nullptr ? *p.n_items_device : p.n_items;
+  if (w >= n_items * p.tiles_per_block) return;
   const Item it = decode_item(p, w);
   const int group_size = s.hq / s.hkv, mtiles = (group_size + 15) / 16;
   const int group = lane >> 2, tig = lane & 3;
