@@ -14,6 +14,7 @@ ssa=${SSA_BINARY:-$build/launch/ssa}
 corpus=${SSA_CORPUS:-/usr/share/dictd/gcide.dict.dz}
 parts=${SSA_GPU_CHECK_PARTS:-tests attn train1 cp}
 work=${SSA_GPU_CHECK_WORK:-/tmp/ssa-gpu-check}
+limit=${SSA_GPU_CHECK_TIMEOUT:-300}  # seconds per training run (a hung collective must not hang the check)
 export NCCL_NVLS_ENABLE=0 OMP_NUM_THREADS=4
 mkdir -p "$out" "$work"
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
@@ -41,7 +42,7 @@ common=(--set data.path="$data" --set eval.data="$data/val" --set monitoring.pro
 if has train1; then
   step "train: 1 GPU, bf16, 8 layers x 1024, seq 8192, SSA"
   rm -rf "$work/run1"
-  "$ssa" train --run-dir "$work/run1" "${common[@]}" \
+  timeout "$limit" "$ssa" train --run-dir "$work/run1" "${common[@]}" \
     --set model.hidden=1024 --set model.n_layers=8 --set model.n_heads=16 --set model.n_kv_heads=2 \
     --set model.ffn_hidden=4096 --set train.seq_len=8192 --set train.global_batch=2 --set train.micro_batch=1 \
     --set attention.top_k=16 --set train.steps=20 --set eval.seq_lens=[8192] --set eval.top_ks=[16,64] \
@@ -57,7 +58,7 @@ if has cp && ((gpus >= 2)); then
     read -r dp cp gb <<< "$grid"
     step "train: 32K tokens, dp=$dp cp=$cp global_batch=$gb"
     rm -rf "$work/run-dp$dp-cp$cp"
-    "$root/launch/slurm/ssa-local.sh" -n $((dp * cp)) train --run-dir "$work/run-dp$dp-cp$cp" "${long[@]}" \
+    timeout "$limit" "$root/launch/slurm/ssa-local.sh" -n $((dp * cp)) train --run-dir "$work/run-dp$dp-cp$cp" "${long[@]}" \
       --set parallel.dp=$dp --set parallel.cp=$cp --set train.global_batch=$gb > "$out/train-dp$dp-cp$cp.log" 2>&1
     echo "exit $?" | tee -a "$out/summary.log"
     cp "$work/run-dp$dp-cp$cp/metrics.jsonl" "$out/train-dp$dp-cp$cp.jsonl" 2>/dev/null
