@@ -11,6 +11,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=$(realpath -m "${1:-gpu-check-out}")
 build=${SSA_BUILD_DIR:-$root/build}
 ssa=${SSA_BINARY:-$build/launch/ssa}
+export SSA_BINARY=$ssa  # for launch/slurm/ssa-local.sh
 corpus=${SSA_CORPUS:-/usr/share/dictd/gcide.dict.dz}
 parts=${SSA_GPU_CHECK_PARTS:-tests attn train1 cp}
 work=${SSA_GPU_CHECK_WORK:-/tmp/ssa-gpu-check}
