@@ -126,7 +126,19 @@ Communicator::Communicator(MPI_Comm comm, std::string name) : comm_(comm), name_
   SSA_MPI_CHECK(MPI_Comm_size(comm_, &size_));
 }
 
+void Communicator::abandon() {
+  abandoned_ = true;
+#ifdef SSA_WITH_CUDA
+  if (nccl_ && nccl_->comm) {
+    ncclCommAbort(nccl_->comm);  // its result does not matter: the process is ending
+    nccl_->comm = nullptr;
+  }
+#endif
+  nccl_.reset();
+}
+
 Communicator::~Communicator() {
+  if (abandoned_) return;
   try {
     destroy_nccl();
   } catch (const std::exception& e) {

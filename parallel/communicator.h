@@ -106,6 +106,10 @@ class Communicator {
   std::map<std::string, int64_t> comm_calls() const;
   void reset_counters();
 
+  // After a failure on this rank: aborts the NCCL communicator (no waiting for
+  // peers) and leaves the MPI communicator to process exit.
+  void abandon();
+
   // Used by P2PBatch and the NCCL code.
   void record(const std::string& op, double seconds, int64_t bytes);
   void add_seconds(const std::string& op, double seconds);
@@ -129,6 +133,7 @@ class Communicator {
   void flush_nccl_timings();
 #endif
   void destroy_nccl();
+  bool abandoned_ = false;
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   std::string name_;

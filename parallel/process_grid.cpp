@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <cstdlib>
+#include <exception>
 #include <mutex>
 
 #include "parallel/error_check.h"
@@ -58,10 +59,31 @@ ProcessGrid& ProcessGrid::operator=(ProcessGrid&& other) noexcept {
 }
 ProcessGrid::~ProcessGrid() {
   try {
-    finalize();
+    if (std::uncaught_exceptions() > 0) {
+      abandon();
+    } else {
+      finalize();
+    }
   } catch (const std::exception& e) {
     fmt::print(stderr, "{}: finalising the process grid: {}\n", process_location(), e.what());
   }
+}
+
+void ProcessGrid::abandon() {
+  if (!state_ || state_->finalized) return;
+  state_->finalized = true;
+  // An error is propagating on this rank while the others may wait in a
+  // collective: MPI_Finalize (or ncclCommDestroy) could block forever. The
+  // process exits without finalising; mpirun and srun --mpi=pmix then end the
+  // whole job instead of leaving it hanging.
+  for (auto* c : {state_->cp_comm.get(), state_->dp_comm.get(), state_->world_comm.get()}) {
+    if (c) c->abandon();
+  }
+  state_->cp_comm.reset();  // abandoned: the destructors free nothing
+  state_->dp_comm.reset();
+  state_->world_comm.reset();
+  std::lock_guard<std::mutex> lock(g_mutex);
+  --g_live_grids;
 }
 
 ProcessGrid ProcessGrid::init(int64_t dp, int64_t cp) {

@@ -63,8 +63,12 @@ class ProcessGrid {
   std::map<std::string, int64_t> comm_bytes() const;
 
   // Frees the communicators; finalises MPI if a grid initialised it and this is
-  // the last grid. Idempotent; the destructor calls it.
+  // the last grid. Idempotent; the destructor calls it, except while an
+  // exception propagates: then it abandons the grid (NCCL aborted, MPI left
+  // unfinalised) so a rank that fails cannot hang in MPI_Finalize waiting for
+  // peers stuck in a collective; the launcher ends the job when it exits.
   void finalize();
+  void abandon();
 
   struct State;
 

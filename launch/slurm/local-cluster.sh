@@ -31,8 +31,25 @@ stop_daemons() {
   done
 }
 
+# Cancels every job of this cluster and waits for its processes to end, so no
+# slurmstepd or task outlives the daemons.
+cancel_jobs() {
+  [[ -r $dir/slurm.conf && -r $dir/run/slurmctld.pid ]] || return 0
+  kill -0 "$(cat "$dir/run/slurmctld.pid")" 2>/dev/null || return 0
+  local jobs
+  jobs=$(SLURM_CONF=$dir/slurm.conf squeue -h -o %i 2>/dev/null || true)
+  [[ -n $jobs ]] || return 0
+  # shellcheck disable=SC2086
+  SLURM_CONF=$dir/slurm.conf scancel $jobs 2>/dev/null || true
+  for _ in $(seq 60); do
+    [[ -z $(SLURM_CONF=$dir/slurm.conf squeue -h -o %i 2>/dev/null || true) ]] && break
+    sleep 0.5
+  done
+}
+
 case $action in
   stop)
+    cancel_jobs
     stop_daemons
     exit 0
     ;;
@@ -47,10 +64,10 @@ done
 
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
-mkdir -p "$dir"/{state,spool,log,run,munge}
+mkdir -p "$dir"/{state,spool,log,run,munge,tmp}
 chmod 700 "$dir/munge"
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it follows OMP_NUM_THREADS
 mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 port_busy() { ss -Hltn "( sport = :$1 )" 2>/dev/null | grep -q .; }
 port=${SSA_SLURM_PORT:-}
@@ -70,8 +87,13 @@ fi
 munged --force --key-file="$key" --socket="$dir/munge/munge.socket" --pid-file="$dir/run/munged.pid" \
   --log-file="$dir/log/munged.log" --seed-file="$dir/munge/munged.seed"
 
+# Job ids from a random base: OpenMPI names its session files after the Slurm
+# job and step, so two test clusters on one host must not both run "job 2".
+first_job=$(((RANDOM % 30000 + 1000) * 100))
+
 cat >"$dir/slurm.conf" <<CONF
 ClusterName=ssatest
+FirstJobId=$first_job
 SlurmctldHost=$host
 SlurmctldPort=$port
 SlurmdPort=$((port + 1))
@@ -84,6 +106,7 @@ SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
+TmpFS=$dir/tmp
 SlurmctldPidFile=$dir/run/slurmctld.pid
 SlurmdPidFile=$dir/run/slurmd.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
@@ -98,6 +121,10 @@ MinJobAge=600
 NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
+
+# PMIx's per-step folders go here too: in /tmp they outlive the cluster and a
+# later cluster's job with the same id fails to launch ("File exists").
+echo "PMIxCliTmpDirBase=$dir/tmp" >"$dir/mpi.conf"
 
 export SLURM_CONF=$dir/slurm.conf
 # -c: clear old state (a stale state folder made step launches time out).

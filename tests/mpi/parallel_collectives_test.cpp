@@ -97,6 +97,23 @@ TEST(ProcessGrid, SlurmTaskCountMustMatchTheWorld) {
   if (step) setenv("SLURM_STEP_NUM_TASKS", keep_step.c_str(), 1);
 }
 
+// A grid destroyed while an exception propagates is abandoned (no
+// MPI_Finalize that could wait for stuck peers); a program that catches the
+// error keeps working with its other grids.
+TEST(ProcessGrid, GridLeftByAnExceptionIsAbandoned) {
+  const int n = test::world_size();
+  try {
+    ProcessGrid g = ProcessGrid::init(n, 1);
+    throw std::runtime_error("failure with a grid alive");
+  } catch (const std::runtime_error&) {
+  }
+  at::Tensor t = at::ones({1}, opts(at::kInt));
+  world_grid().world().all_reduce(t, ReduceOp::kSum);
+  EXPECT_EQ(t.item<int>(), n);
+  ProcessGrid again = ProcessGrid::init(n, 1);
+  EXPECT_EQ(again.world_size(), n);
+}
+
 TEST(Communicator, AllReduceClosedForms) {
   Communicator& w = world_grid().world();
   const int n = w.size(), r = w.rank();

@@ -133,13 +133,21 @@ class SlurmCluster : public ::testing::Test {
   }
 
   // Preempts like --signal=B:USR1@N, waits for the requeue and makes the
-  // requeued job eligible at once (Slurm otherwise holds it ~2 minutes), then
-  // waits for it to finish. Returns the final JobState.
-  static std::string preempt_and_finish(const std::string& job) {
+  // requeued job eligible at once (Slurm otherwise holds it ~2 minutes), waits
+  // until the batch log shows the second start ("restart 1": states seen before
+  // it, such as CANCELLED for the requeued run, are not the end), then for the
+  // job to end. Returns the final JobState.
+  static std::string preempt_and_finish(const std::string& job, const fs::path& log) {
     const Shell s = sh(fmt::format("scancel --batch --signal=USR1 {}", job), conf_);
     EXPECT_EQ(s.status, 0) << s.out;
     EXPECT_TRUE(wait_for([&] { return job_field(job, "Restarts") == "1"; }, 120s)) << "job was not requeued";
-    sh(fmt::format("scontrol update JobId={} StartTime=now", job), conf_);
+    const bool restarted = wait_for(
+        [&] {
+          if (job_field(job, "JobState") == "PENDING") sh(fmt::format("scontrol update JobId={} StartTime=now", job), conf_);
+          return read_file(log).find("restart 1") != std::string::npos;
+        },
+        180s);
+    EXPECT_TRUE(restarted) << "the requeued job did not start:\n" << read_file(log);
     wait_for(
         [&] {
           const std::string state = job_field(job, "JobState");
@@ -179,7 +187,7 @@ TEST_F(SlurmCluster, BatchScriptForwardsUsr1AndRequeuesOnExitCode3) {
   ASSERT_FALSE(job.empty());
   ASSERT_TRUE(wait_for([&] { return fs::exists(run / "started.0") && fs::exists(run / "started.1"); }, 120s))
       << "tasks did not start";
-  EXPECT_EQ(preempt_and_finish(job), "COMPLETED");
+  EXPECT_EQ(preempt_and_finish(job, dir_ / fmt::format("fake-{}.out", job)), "COMPLETED");
   EXPECT_EQ(job_field(job, "Restarts"), "1");
   EXPECT_TRUE(fs::exists(run / "done.0") && fs::exists(run / "done.1")) << "the requeued job did not resume";
   const std::string log = read_file(dir_ / fmt::format("fake-{}.out", job));
@@ -211,8 +219,9 @@ TEST_F(SlurmCluster, TrainingIsPreemptedRequeuedAndResumed) {
       "--set train.steps={} --set train.seq_len=64 --set train.global_batch=2 --set train.micro_batch=2 "
       "--set model.hidden=64 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2 "
       "--set model.ffn_hidden=128 --set attention.block_size=8 --set attention.top_k=2 "
-      "--set checkpoint.every=5 --set monitoring.enabled=false --set data.path='{}'",
-      steps, data.string());
+      "--set checkpoint.every=5 --set monitoring.enabled=false --set data.path='{}' --set eval.data='{}/val' "
+      "--set eval.seq_lens=[64]",
+      steps, data.string(), data.string());
   const fs::path run = dir_ / "run-train";
   const std::string job = submit("SSA_CP=2 SSA_BINARY=" + std::string(binary),
                                  fmt::format("'{}' '{}/configs/tiny.yaml' {}", run.string(), SSA_SOURCE_DIR, overrides),
@@ -228,7 +237,7 @@ TEST_F(SlurmCluster, TrainingIsPreemptedRequeuedAndResumed) {
       240s);
   const std::string log_path = (dir_ / fmt::format("train-{}.out", job)).string();
   ASSERT_TRUE(progressed) << "training did not log 8 steps; output:\n" << read_file(log_path);
-  EXPECT_EQ(preempt_and_finish(job), "COMPLETED") << read_file(log_path);
+  EXPECT_EQ(preempt_and_finish(job, log_path), "COMPLETED") << read_file(log_path);
   EXPECT_EQ(job_field(job, "Restarts"), "1");
   const std::string log = read_file(log_path);
   EXPECT_NE(log.find("requeueing job " + job), std::string::npos) << log;
