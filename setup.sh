@@ -21,7 +21,8 @@ torch_version=2.11.0
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 # 1. Debian packages. dict-gcide is the embedded default corpus; prometheus is
-#    the real server the monitoring test scrapes with.
+#    the real server the monitoring test scrapes with; slurm-wlm, munge and
+#    libpmix2 make the throw-away one-node cluster of the Slurm test.
 apt_packages=(
   build-essential cmake ninja-build pkg-config python3-venv
   libhdf5-dev hdf5-tools zlib1g-dev
@@ -30,6 +31,7 @@ apt_packages=(
   prometheus-cpp-dev libcurl4-openssl-dev
   libgtest-dev libgmock-dev
   dict-gcide prometheus
+  slurm-wlm munge libpmix2
 )
 if [[ "${SSA_SKIP_APT:-0}" != 1 ]]; then
   missing=()
