@@ -51,6 +51,26 @@ struct SparseOptions {
 AttentionResult full_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                int64_t q_start = 0, int64_t k_start = 0);
 
+// Gradients of one part of a merged attention result (a context-parallel chunk
+// pair), computed from the MERGED output and lse without recomputing a forward:
+// with P = exp(q k^T * scale - lse) on the causal positions (0 elsewhere),
+//   dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * out)),
+//   dQ = dS K * scale, dK = dS^T Q * scale,
+// which are exactly this part's gradients in the merged result.
+//   dout, out [B, Sq, Hq, D]; q [B, Sq, Hq, D]; k, v [B, Sk, Hkv, D];
+//   lse [B, Hq, Sq] (natural log, -inf for a row with no key in any part).
+// Returns dq [B, Sq, Hq, D], dk, dv [B, Sk, Hkv, D] (summed over each GQA group),
+// in the dtypes of q, k, v. CUDA bf16/fp16 pairs that are either the same
+// positions (causal) or entirely in the past use LibTorch's fused flash backward;
+// everything else the matmul formula above, chunk_rows queries at a time
+// (0: sized for ~64 MiB of scores), in fp32 (fp64 for fp64 inputs).
+struct AttentionGrads {
+  at::Tensor dq, dk, dv;
+};
+AttentionGrads full_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                       int64_t q_start = 0, int64_t k_start = 0, int64_t chunk_rows = 0);
+
 // Mean of the keys of each block of block_size positions.
 //   k [B, Sk, Hkv, D] with k_start % block_size == 0 -> [B, ceil(Sk / block_size), Hkv, D] (fp32)
 // A last partial block is the mean of the keys it has.

@@ -144,7 +144,9 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
   const auto acc = q.options().dtype(accumulation_type(q.scalar_type()));
   at::Tensor dq = at::zeros(q.sizes(), acc);
   at::Tensor dk, dv;
-  const at::Tensor g_full = grad_full.defined() ? grad_full.to(acc.dtype()) : at::Tensor();
+  // The full stream's gradient stays in its dtype (the fused backward takes it so;
+  // the matmul path converts per chunk); the sparse one is recomputed in acc.
+  const at::Tensor g_full = grad_full.defined() ? grad_full.contiguous() : at::Tensor();
   const at::Tensor g_sparse = grad_sparse.defined() ? grad_sparse.to(acc.dtype()) : at::Tensor();
 
   // Adds one item's gradients; the K/V gradients go into rows of dk_buf/dv_buf.
@@ -154,6 +156,17 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     if (!g.defined()) return;  // that output received no gradient
     const at::Tensor& o = w.sparse ? outputs.out_sparse : outputs.out_full;
     const at::Tensor& l = w.sparse ? outputs.lse_sparse : outputs.lse_full;
+    if (!w.sparse) {
+      // Full stream: straight from the merged output and lse, no recomputed forward.
+      const kernels::AttentionGrads fg = kernels::full_attention_backward(
+          g.narrow(1, w.q_row, w.q_len), q.narrow(1, w.q_row, w.q_len), kk.narrow(1, w.kv_row, w.kv_len),
+          vv.narrow(1, w.kv_row, w.kv_len), o.narrow(1, w.q_row, w.q_len), l.narrow(2, w.q_row, w.q_len), w.q_pos,
+          w.k_pos);
+      dq.narrow(1, w.q_row, w.q_len).add_(fg.dq);
+      dk_buf.narrow(1, w.kv_row, w.kv_len).add_(fg.dk);
+      dv_buf.narrow(1, w.kv_row, w.kv_len).add_(fg.dv);
+      return;
+    }
     const Attend attend = [&setup, &w](const at::Tensor& qq, const at::Tensor& k2, const at::Tensor& v2) {
       return attend_item(setup, w, qq, k2, v2);
     };
