@@ -64,6 +64,8 @@ struct RecomputeClosure : torch::CustomClassHolder {
   const ModelConfig* model = nullptr;  // owned by the Transformer, which outlives the step
   StreamSettings settings;
   RotaryTable rotary;
+  int64_t bytes_full = 0;  // cp traffic of the forward passes (not of the re-runs)
+  int64_t bytes_sparse = 0;
   LayerInputs inputs() const { return {model, &settings, &rotary, nullptr}; }
 };
 
@@ -76,7 +78,8 @@ class RecomputedLayer : public torch::autograd::Function<RecomputedLayer> {
     variable_list out;
     {
       at::NoGradGuard no_grad;
-      out = layer_forward(0, inputs[0], layer_from(inputs, 1), closure->inputs(), nullptr, nullptr);
+      out = layer_forward(0, inputs[0], layer_from(inputs, 1), closure->inputs(), &closure->bytes_full,
+                          &closure->bytes_sparse);
     }
     ctx->save_for_backward(inputs);
     ctx->saved_data["closure"] = c10::IValue::make_capsule(closure);
@@ -177,6 +180,8 @@ ForwardResult Transformer::forward(const at::Tensor& tokens, const at::Tensor& p
     sum_ls = sum_ls + out[1];
     sum_lc = sum_lc + out[2];
   }
+  result.bytes_full += closure->bytes_full;
+  result.bytes_sparse += closure->bytes_sparse;
   const double layers = static_cast<double>(layers_.size());
   result.hidden = rms_norm(x, final_norm_, config_.norm_eps);
   result.sparsity_loss = sum_ls / layers;

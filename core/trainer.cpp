@@ -380,6 +380,8 @@ TrainOutcome Trainer::run() {
     for (const auto& [op, s] : comm_now) record.comm_seconds[op] = s - comm_before[op];
     comm_before = comm_now;
     record.gpu_memory_bytes = runtime_.peak_memory_bytes();
+    record.cp_bytes_full = losses.bytes_full;
+    record.cp_bytes_sparse = losses.bytes_sparse;
     record.skipped_steps = state_.skipped_steps;
     const double elapsed = seconds_since(run_start);
     record.eta_seconds = elapsed / static_cast<double>(state_.step - first_step) * static_cast<double>(total - state_.step);

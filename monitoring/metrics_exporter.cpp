@@ -39,6 +39,8 @@ constexpr const char* kTokensPerSecond = "ssa_tokens_per_second";
 constexpr const char* kMfu = "ssa_mfu";
 constexpr const char* kDataWaitSeconds = "ssa_data_wait_seconds";
 constexpr const char* kGpuMemoryBytes = "ssa_gpu_memory_bytes";
+constexpr const char* kCpBytesFull = "ssa_cp_bytes_full";
+constexpr const char* kCpBytesSparse = "ssa_cp_bytes_sparse";
 constexpr const char* kSkippedSteps = "ssa_skipped_steps";
 constexpr const char* kCheckpointSeconds = "ssa_checkpoint_seconds";
 constexpr const char* kEtaSeconds = "ssa_eta_seconds";
@@ -123,7 +125,7 @@ struct MetricsExporter::State {
   bool warned = false;
 
   LazyGauge step, total_steps, tokens_seen, loss, ce_loss, sparsity_loss, commitment_loss, learning_rate,
-      grad_norm, step_seconds, tokens_per_second, mfu, data_wait_seconds, gpu_memory_bytes, skipped_steps,
+      grad_norm, step_seconds, tokens_per_second, mfu, data_wait_seconds, gpu_memory_bytes, cp_bytes_full, cp_bytes_sparse, skipped_steps,
       checkpoint_seconds, eta_seconds;
   prometheus::Counter *full_passes, *sparse_passes;
   prometheus::Family<prometheus::Counter>* comm_seconds;  // label op
@@ -150,6 +152,8 @@ struct MetricsExporter::State {
     mfu = gauge(name::kMfu, "Model FLOP utilisation of the last step (0 on CPU)");
     data_wait_seconds = gauge(name::kDataWaitSeconds, "Time the last step waited for its batch");
     gpu_memory_bytes = gauge(name::kGpuMemoryBytes, "Peak GPU memory allocated on this rank (0 on CPU)");
+    cp_bytes_full = gauge(name::kCpBytesFull, "Bytes this rank sent over cp in the last step's forward passes, full stream");
+    cp_bytes_sparse = gauge(name::kCpBytesSparse, "Bytes this rank sent over cp in the last step's forward passes, sparse stream");
     skipped_steps = gauge(name::kSkippedSteps, "Steps skipped for a NaN/Inf loss since the run began");
     checkpoint_seconds = gauge(name::kCheckpointSeconds, "Wall time of the last checkpoint write");
     eta_seconds = gauge(name::kEtaSeconds, "Estimated time to the end of the run");
@@ -244,6 +248,8 @@ void MetricsExporter::record_step(const StepRecord& r) {
     s.mfu.set(r.mfu);
     s.data_wait_seconds.set(r.data_wait_seconds);
     s.gpu_memory_bytes.set(static_cast<double>(r.gpu_memory_bytes));
+    s.cp_bytes_full.set(static_cast<double>(r.cp_bytes_full));
+    s.cp_bytes_sparse.set(static_cast<double>(r.cp_bytes_sparse));
     s.skipped_steps.set(static_cast<double>(r.skipped_steps));
     s.eta_seconds.set(r.eta_seconds);
     if (r.checkpoint_seconds) s.checkpoint_seconds.set(*r.checkpoint_seconds);
@@ -279,7 +285,8 @@ const std::vector<std::string>& MetricsExporter::served_metric_names() {
       name::kStep,           name::kTotalSteps,        name::kTokensSeen,         name::kLoss,
       name::kCeLoss,         name::kSparsityLoss,      name::kCommitmentLoss,     name::kLearningRate,
       name::kGradNorm,       name::kStepSeconds,       name::kTokensPerSecond,    name::kMfu,
-      name::kDataWaitSeconds, name::kGpuMemoryBytes,   name::kSkippedSteps,       name::kCheckpointSeconds,
+      name::kDataWaitSeconds, name::kGpuMemoryBytes,   name::kCpBytesFull,        name::kCpBytesSparse,
+      name::kSkippedSteps,       name::kCheckpointSeconds,
       name::kEtaSeconds,     name::kForwardPasses,     name::kCommSeconds,        name::kEvalSparsity,
       name::kEvalEntropyBits, name::kEvalFullPerplexity, name::kEvalSparsePerplexity};
   return names;

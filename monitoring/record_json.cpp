@@ -34,6 +34,8 @@ nlohmann::ordered_json to_json(const StepRecord& r) {
   j["comm_seconds"] = nlohmann::ordered_json::object();
   for (const auto& [op, seconds] : r.comm_seconds) j["comm_seconds"][op] = seconds;
   j["gpu_memory_bytes"] = r.gpu_memory_bytes;
+  j["cp_bytes_full"] = r.cp_bytes_full;
+  j["cp_bytes_sparse"] = r.cp_bytes_sparse;
   j["skipped_steps"] = r.skipped_steps;
   // null on steps that wrote no checkpoint, so every line has the same keys.
   j["checkpoint_seconds"] = r.checkpoint_seconds ? nlohmann::ordered_json(*r.checkpoint_seconds) : nlohmann::ordered_json();

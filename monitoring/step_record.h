@@ -27,6 +27,8 @@ struct StepRecord {
   double data_wait_seconds = 0;
   std::map<std::string, double> comm_seconds;  // by op: all_reduce, reduce_scatter, ...
   int64_t gpu_memory_bytes = 0;  // peak allocated on this rank, 0 on CPU
+  int64_t cp_bytes_full = 0;     // bytes this rank sent over cp in the step's forward passes, full stream
+  int64_t cp_bytes_sparse = 0;   // same, sparse stream's own traffic (0 on one rank)
   int64_t skipped_steps = 0;     // total NaN/Inf steps skipped so far
   std::optional<double> checkpoint_seconds;  // set on steps that wrote a checkpoint
   double eta_seconds = 0;

@@ -140,7 +140,7 @@ TEST(MetricsExporter, ServesRecordedValuesWithConstantLabelsOnly) {
     const size_t own = s.name == "ssa_forward_passes_total" || s.name == "ssa_comm_seconds_total" ? 1 : 0;
     EXPECT_EQ(s.labels.size(), 5 + own) << s.name;
   }
-  EXPECT_EQ(ssa_samples, 17 + 2 + 3);  // gauges + passes by mode + comm by op
+  EXPECT_EQ(ssa_samples, 19 + 2 + 3);  // gauges + passes by mode + comm by op
 }
 
 TEST(MetricsExporter, GaugesAppearWithTheirFirstValue) {
