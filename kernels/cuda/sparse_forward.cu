@@ -60,27 +60,8 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_forward_kernel(const Forwa
   uint32_t qf[kD / 16][4];
   device::load_a_rows<kD>(qf, p.q + ((static_cast<int64_t>(b) * s.sq + t) * s.hq + head0) * kD, rows_valid, lane);
 
-  const int64_t k_lo = s.k_start, k_hi = s.k_start + s.sk;
-  const int64_t row_stride = static_cast<int64_t>(s.hkv) * kD;
-  const int64_t head_offset = static_cast<int64_t>(b) * s.sk * row_stride + static_cast<int64_t>(kvh) * kD;
-  const __nv_bfloat16* k_head = p.k + head_offset;
-  const __nv_bfloat16* v_head = p.v + head_offset;
-  const int32_t* ids = p.block_ids + ((static_cast<int64_t>(b) * s.sq + t) * s.hkv + kvh) * s.top_k;
-  TileWalker loader{ids, s.top_k, s.block_size, k_lo, k_hi, qpos};
-  TileWalker walker = loader;
-  const uint32_t stage0 = device::smem_address(smem) + warp * kStages * kStageBytes;
-
-  auto stage = [&](int slot, const KeyTile& tile) {
-    const uint32_t base = stage0 + slot * kStageBytes;
-    device::stage_rows<kD>(base, k_head, row_stride, tile.start, k_lo, k_hi, lane);
-    device::stage_rows<kD>(base + tile_bytes<kD>(), v_head, row_stride, tile.start, k_lo, k_hi, lane);
-  };
-  KeyTile next_tile;
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
-    if (loader.next(next_tile)) stage(i, next_tile);
-    device::cp_async_commit();
-  }
+  device::SelectedKvPipeline<kD, kStages> pipe(p.k, p.v, p.block_ids, s, b, t, kvh, qpos,
+                                               device::smem_address(smem) + warp * kStages * kStageBytes, lane);
 
   float acc[kD / 8][4];
 #pragma unroll
@@ -91,13 +72,8 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_forward_kernel(const Forwa
   float l[2] = {0.f, 0.f};              // this thread's part of the row sums
 
   KeyTile tile;
-  for (int it = 0; walker.next(tile); ++it) {
-    device::cp_async_wait<kStages - 2>();
-    __syncwarp();
-    if (loader.next(next_tile)) stage((it + kStages - 1) % kStages, next_tile);
-    device::cp_async_commit();
-    const uint32_t k_tile = stage0 + (it % kStages) * kStageBytes;
-    const uint32_t v_tile = k_tile + tile_bytes<kD>();
+  uint32_t k_tile, v_tile;
+  for (int it = 0; pipe.next(it, tile, k_tile, v_tile); ++it) {
 
     float sc[2][4];
     device::mma_a_tile_t<kD>(sc, qf, k_tile, lane);

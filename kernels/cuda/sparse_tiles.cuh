@@ -149,4 +149,60 @@ __device__ __forceinline__ void mma_p_tile(float (&acc)[kD / 8][4], const uint32
   }
 }
 
+// The K and V tiles of one (batch, token, kv head)'s selected blocks, streamed
+// through a warp's private cp.async ring of kStages shared-memory stages (each
+// stage: the K tile, then the V tile). Shared by the forward and dq kernels.
+template <int kD, int kStages>
+struct SelectedKvPipeline {
+  static constexpr int kTileBytes = kKeyTile * kD * 2;  // one bf16 [kKeyTile, kD] tile
+  static constexpr int kStageBytes = 2 * kTileBytes;
+
+  const __nv_bfloat16* k_head;
+  const __nv_bfloat16* v_head;
+  int64_t row_stride, k_lo, k_hi;
+  TileWalker loader;  // runs kStages - 1 tiles ahead of walker
+  TileWalker walker;
+  uint32_t stage0;    // this warp's first stage
+  int lane;
+  KeyTile next_tile;
+
+  // k/v: [B, Sk, Hkv, kD]; block_ids: [B, Sq, Hkv, top_k]; warp_smem: this warp's
+  // kStages * kStageBytes of shared memory. Issues the first kStages - 1 tiles.
+  __device__ SelectedKvPipeline(const __nv_bfloat16* k, const __nv_bfloat16* v, const int32_t* block_ids,
+                                const Shape& s, int b, int t, int kvh, int64_t qpos, uint32_t warp_smem, int lane_)
+      : row_stride(static_cast<int64_t>(s.hkv) * kD), k_lo(s.k_start), k_hi(s.k_start + s.sk),
+        loader{block_ids + ((static_cast<int64_t>(b) * s.sq + t) * s.hkv + kvh) * s.top_k, s.top_k, s.block_size,
+               s.k_start, s.k_start + s.sk, qpos},
+        walker(loader), stage0(warp_smem), lane(lane_) {
+    const int64_t head_offset = static_cast<int64_t>(b) * s.sk * row_stride + static_cast<int64_t>(kvh) * kD;
+    k_head = k + head_offset;
+    v_head = v + head_offset;
+#pragma unroll
+    for (int i = 0; i < kStages - 1; ++i) {
+      if (loader.next(next_tile)) stage(i, next_tile);
+      cp_async_commit();
+    }
+  }
+
+  __device__ void stage(int slot, const KeyTile& tile) {
+    const uint32_t base = stage0 + slot * kStageBytes;
+    stage_rows<kD>(base, k_head, row_stride, tile.start, k_lo, k_hi, lane);
+    stage_rows<kD>(base + kTileBytes, v_head, row_stride, tile.start, k_lo, k_hi, lane);
+  }
+
+  // The it-th selected tile (it counts from 0): waits until its stage has
+  // landed, issues the tile kStages - 1 ahead, and gives the stage's K and V
+  // shared-memory addresses. False after the last tile.
+  __device__ bool next(int it, KeyTile& tile, uint32_t& k_tile, uint32_t& v_tile) {
+    if (!walker.next(tile)) return false;
+    cp_async_wait<kStages - 2>();
+    __syncwarp();
+    if (loader.next(next_tile)) stage((it + kStages - 1) % kStages, next_tile);
+    cp_async_commit();
+    k_tile = stage0 + (it % kStages) * kStageBytes;
+    v_tile = k_tile + kTileBytes;
+    return true;
+  }
+};
+
 }  // namespace ssa::kernels::cuda::device
