@@ -97,7 +97,7 @@ SelectionMode parse_selection_mode(const std::string& name) {
 
 Backend resolve_backend(const std::string& name, const at::Device& device) {
   if (name == "reference") return Backend::kReference;
-  if (name == "auto") return cuda_usable(device) ? Backend::kCuda : Backend::kReference;
+  if (name == "auto") return cuda_usable(device) ? Backend::kAuto : Backend::kReference;
   if (name == "cuda") {
     if (cuda_usable(device)) return Backend::kCuda;
 #ifdef SSA_WITH_CUDA
@@ -111,6 +111,22 @@ Backend resolve_backend(const std::string& name, const at::Device& device) {
   }
   throw std::runtime_error(
       fmt::format("kernels: unknown attention backend '{}' (expected 'auto', 'reference' or 'cuda')", name));
+}
+
+bool runs_on_cuda(Backend backend, const at::Tensor& q, const at::Tensor& k, int64_t top_k, int64_t block_size,
+                  bool any_float) {
+  switch (backend) {
+    case Backend::kReference: return false;
+    case Backend::kCuda: require_cuda("attention", q); return true;
+    case Backend::kAuto:
+#ifdef SSA_WITH_CUDA
+      return cuda_usable(q.device()) && cuda::supports(q, k, top_k, block_size, any_float);
+#else
+      (void)k, (void)top_k, (void)block_size, (void)any_float;
+      return false;
+#endif
+  }
+  return false;
 }
 
 AttentionResult full_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
@@ -149,8 +165,8 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
                     "block_size ({}) so no query block is split",
                     q_start, options.block_size));
   }
-  if (options.backend == Backend::kCuda) {
-    require_cuda("select_blocks", q);
+  if (options.backend == Backend::kCuda) require_cuda("select_blocks", q);
+  if (runs_on_cuda(options.backend, q, pooled, options.top_k, options.block_size)) {
 #ifdef SSA_WITH_CUDA
     return cuda::select_blocks(q, pooled, options, q_start);
 #endif
@@ -164,11 +180,12 @@ AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const
   check_qkv("sparse_attention", q, k, v);
   check_options("sparse_attention", options);
   check_starts("sparse_attention", q_start, k_start);
+  if (options.backend == Backend::kCuda) require_cuda("sparse_attention", q);
+  const bool on_cuda = runs_on_cuda(options.backend, q, k, 0, options.block_size);
   // The CUDA path skips the value check: it would stall the stream with a sync
   // on every call, and its ids come from select_blocks.
-  check_block_ids("sparse_attention", block_ids, q, k.size(2), options.backend != Backend::kCuda);
-  if (options.backend == Backend::kCuda) {
-    require_cuda("sparse_attention", q);
+  check_block_ids("sparse_attention", block_ids, q, k.size(2), !on_cuda);
+  if (on_cuda) {
 #ifdef SSA_WITH_CUDA
     return cuda::sparse_attention(q, k, v, block_ids, options, q_start, k_start);
 #endif
@@ -202,8 +219,9 @@ AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const a
           "kernels::attention_stats: block id {} is beyond the {} blocks of the {} keys", max_id, nb, k.size(1)));
     }
   }
-  if (backend == Backend::kCuda) {
-    require_cuda("attention_stats", q);
+  if (backend == Backend::kCuda) require_cuda("attention_stats", q);
+  // Statistics read q and k as bf16 whatever their dtype (cuda::attention_stats).
+  if (runs_on_cuda(backend, q, k, 0, block_size, /*any_float=*/true)) {
 #ifdef SSA_WITH_CUDA
     return cuda::attention_stats(q, k, block_ids, block_size);
 #endif

@@ -34,9 +34,22 @@ enum class SelectionMode {
 };
 SelectionMode parse_selection_mode(const std::string& name);  // "token" | "query_block"
 
-enum class Backend { kReference, kCuda };
-// "auto" -> kCuda when the tensors are on a GPU and the CUDA kernels are built.
+// kAuto decides per call: the CUDA kernels where they take the inputs (CUDA
+// tensors, bf16, head dim 64 or 128, at most 32 query heads per kv head,
+// block_size a multiple of 16, top_k <= 64 for selection), the reference
+// everywhere else (other dtypes or head dims, eval budgets above 64, CPU).
+// kCuda insists on the kernels and throws naming what they do not support.
+enum class Backend { kReference, kCuda, kAuto };
+// "auto" -> kAuto when the tensors are on a GPU and the CUDA kernels are built,
+// else kReference; "cuda" -> kCuda (throws without a usable GPU).
 Backend resolve_backend(const std::string& name, const at::Device& device);
+// Whether `backend` runs this call on the CUDA kernels (kCuda: always, after
+// checking that a GPU is usable; kAuto: when the kernels take these inputs).
+// k may be the pooled keys (selection, any float dtype); top_k 0: not a
+// selection, so no top-k limit;
+// any_float: the call converts q and k to bf16 itself (statistics).
+bool runs_on_cuda(Backend backend, const at::Tensor& q, const at::Tensor& k, int64_t top_k, int64_t block_size,
+                  bool any_float = false);
 
 struct SparseOptions {
   int64_t block_size = 16;

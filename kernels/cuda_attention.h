@@ -10,6 +10,9 @@ namespace ssa::kernels::cuda {
 bool available();
 
 #ifdef SSA_WITH_CUDA
+// Whether the kernels take these inputs (see Backend::kAuto); top_k 0: no
+// selection, so no top-k limit; any_float: q and k are converted to bf16 by the call.
+bool supports(const at::Tensor& q, const at::Tensor& k, int64_t top_k, int64_t block_size, bool any_float);
 at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const SparseOptions& options,
                          int64_t q_start);
 AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -239,6 +239,15 @@ class SparseAttentionFunction : public torch::autograd::Function<SparseAttention
 
 bool available() { return at::hasCUDA(); }
 
+bool supports(const at::Tensor& q, const at::Tensor& k, int64_t top_k, int64_t block_size, bool any_float) {
+  if (!q.is_cuda() || !k.is_cuda() || q.dim() != 4 || k.dim() != 4 || k.size(2) == 0) return false;
+  // Selection (top_k > 0) takes the pooled keys in any float dtype (it splits them).
+  const bool k_ok = at::isFloatingType(k.scalar_type()) && (any_float || top_k > 0 || k.scalar_type() == at::kBFloat16);
+  const bool dtype_ok = k_ok && (any_float ? at::isFloatingType(q.scalar_type()) : q.scalar_type() == at::kBFloat16);
+  return dtype_ok && head_dim_supported(q.size(3)) && q.size(2) % k.size(2) == 0 &&
+         q.size(2) / k.size(2) <= kMaxGroup && block_size > 0 && block_size % kKeyTile == 0 && top_k <= kMaxTopK;
+}
+
 AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
                                  int64_t k_start) {

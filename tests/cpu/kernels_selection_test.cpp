@@ -255,6 +255,11 @@ TEST(Backends, ResolveAndParse) {
   EXPECT_EQ(resolve_backend("auto", at::kCPU), Backend::kReference);
   EXPECT_THROW(resolve_backend("cuda", at::kCPU), std::runtime_error);
   EXPECT_THROW(resolve_backend("triton", at::kCPU), std::runtime_error);
+  // CPU tensors never run on the kernels; insisting on them names the problem.
+  const at::Tensor q = at::randn({1, 32, 4, 64}), k = at::randn({1, 32, 2, 64});
+  EXPECT_FALSE(runs_on_cuda(Backend::kAuto, q, k, 4, 16));
+  EXPECT_FALSE(runs_on_cuda(Backend::kReference, q, k, 4, 16));
+  EXPECT_THROW(runs_on_cuda(Backend::kCuda, q, k, 4, 16), std::runtime_error);
 }
 
 }  // namespace

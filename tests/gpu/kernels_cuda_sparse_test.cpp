@@ -135,5 +135,48 @@ TEST(CudaSparseAttention, RejectsWhatItCannotRun) {
   EXPECT_THROW(sparse_attention(q, k, k, make_block_ids(1, 32, 2, 2, 8, 0, 0), opt), std::runtime_error);
 }
 
+// "auto" uses the kernels where they take the inputs and the reference elsewhere:
+// fp32, head dim 96, block 8 and a top-k above the selection kernel's limit all run
+// (and give the reference's answer) instead of throwing as Backend::kCuda does.
+TEST(CudaSparseAttention, AutoFallsBackOutsideTheKernels) {
+  SSA_REQUIRE_GPU();
+  const Backend automatic = resolve_backend("auto", at::Device(at::kCUDA, 0));
+  ASSERT_EQ(automatic, Backend::kAuto);
+  struct Input {
+    std::string name;
+    at::ScalarType dtype;
+    int64_t d, block_size, top_k;
+    bool cuda;
+  };
+  for (const Input& in : {Input{"bf16 d64", at::kBFloat16, 64, 16, 4, true}, Input{"fp32", at::kFloat, 64, 16, 4, false},
+                          Input{"d96", at::kBFloat16, 96, 16, 4, false}, Input{"block 8", at::kBFloat16, 64, 8, 4, false},
+                          Input{"top-k 80", at::kBFloat16, 64, 16, 80, false}}) {
+    at::manual_seed(3);
+    const int64_t s = 16 * 96;
+    const at::Tensor q = at::randn({1, s, 4, in.d}, gpu(in.dtype)), k = at::randn({1, s, 2, in.d}, gpu(in.dtype)),
+                     v = at::randn({1, s, 2, in.d}, gpu(in.dtype));
+    SparseOptions opt;
+    opt.block_size = in.block_size;
+    opt.top_k = in.top_k;
+    opt.backend = automatic;
+    const at::Tensor pooled = pool_keys(k, in.block_size);
+    EXPECT_EQ(runs_on_cuda(automatic, q, pooled, in.top_k, in.block_size), in.cuda) << in.name;
+    const at::Tensor ids = select_blocks(q, pooled, opt);
+    const AttentionResult got = sparse_attention(q, k, v, ids, opt);
+    opt.backend = Backend::kReference;
+    const at::Tensor ref_ids = select_blocks(q, pooled, opt);
+    const AttentionResult want = sparse_attention(q, k, v, ids, opt);
+    if (!in.cuda) {
+      EXPECT_TRUE(at::equal(ids, ref_ids)) << in.name;
+      EXPECT_TRUE(at::equal(got.out, want.out)) << in.name;
+    } else {
+      EXPECT_GT(ids.eq(ref_ids).to(at::kFloat).mean().item<double>(), 0.99) << in.name;
+      EXPECT_LT(max_abs_error(got.out, want.out), 0.05) << in.name;
+    }
+    const AttentionStats st = attention_stats(q, k, ids, in.block_size);
+    EXPECT_GT(st.sparsity, 0.0) << in.name;
+  }
+}
+
 }  // namespace
 }  // namespace ssa::kernels
