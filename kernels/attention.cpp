@@ -193,6 +193,26 @@ AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const
   return reference::sparse_attention(q, k, v, block_ids, options.block_size, q_start, k_start);
 }
 
+AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                         const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                         int64_t k_start) {
+  constexpr const char* fn = "sparse_attention_backward";
+  check_merged_grad_inputs(fn, dout, q, k, v, out, lse);
+  check_options(fn, options);
+  check_starts(fn, q_start, k_start);
+  if (options.backend == Backend::kCuda) require_cuda(fn, q);
+  const bool on_cuda = runs_on_cuda(options.backend, q, k, 0, options.block_size);
+  check_block_ids(fn, block_ids, q, k.size(2), !on_cuda);
+  if (on_cuda) {
+#ifdef SSA_WITH_CUDA
+    return cuda::sparse_attention_backward(dout, q, k, v, out, lse, block_ids, options, q_start, k_start);
+#endif
+  }
+  return reference::sparse_attention_backward(dout, q, k, v, out, lse, block_ids, options.block_size, q_start,
+                                              k_start);
+}
+
 AttentionResult merge_partials(const AttentionResult& a, const AttentionResult& b) {
   return reference::merge_partials(a, b);
 }

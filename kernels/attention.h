@@ -108,6 +108,21 @@ AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& block_ids, const SparseOptions& options,
                                  int64_t q_start = 0, int64_t k_start = 0);
 
+// Gradients of one part of a merged result whose part is a sparse attention call
+// (a context-parallel chunk pair of the sparse stream), from the MERGED out and
+// lse, as full_attention_backward does for full attention: with P = exp(q k^T *
+// scale - lse) on this call's selected, causal keys, the formula there gives this
+// part's exact gradients. Arguments as sparse_attention plus dout, out [B, Sq,
+// Hq, D] and lse [B, Hq, Sq]. The CUDA kernels (per runs_on_cuda) take the merged
+// statistics directly; the reference recomputes the part under autograd and
+// backpropagates its share (w dO into out, w (<dO, o> - <dO, out>) into its lse,
+// w = exp(lse_part - lse)). Returns dq, dk, dv in the dtypes of q, k, v (the
+// reference: its compute dtype).
+AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                         const at::Tensor& block_ids, const SparseOptions& options,
+                                         int64_t q_start = 0, int64_t k_start = 0);
+
 // Merges two partial attention results over disjoint key sets (fp32 LSE merge).
 AttentionResult merge_partials(const AttentionResult& a, const AttentionResult& b);
 

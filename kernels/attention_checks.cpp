@@ -125,4 +125,30 @@ void check_block_ids(const char* fn, const at::Tensor& block_ids, const at::Tens
   }
 }
 
+void check_merged_grad_inputs(const char* fn, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
+  check_qkv(fn, q, k, v);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout}, {"out", out}}) {
+    if (!t.defined() || t.sizes() != q.sizes()) {
+      throw std::runtime_error(fmt::format("kernels::{}: {} must have the shape of q {}, got {}", fn, name,
+                                           shape_string(q), shape_string(t)));
+    }
+    if (!at::isFloatingType(t.scalar_type()) || t.device() != q.device()) {
+      throw std::runtime_error(fmt::format("kernels::{}: {} must be a floating tensor on q's device {}, got {} on {}",
+                                           fn, name, q.device().str(), c10::toString(t.scalar_type()),
+                                           t.device().str()));
+    }
+  }
+  if (!lse.defined() || lse.dim() != 3 || lse.size(0) != q.size(0) || lse.size(1) != q.size(2) ||
+      lse.size(2) != q.size(1)) {
+    throw std::runtime_error(fmt::format("kernels::{}: lse must be [B, Hq, Sq] = [{}, {}, {}], got {}", fn, q.size(0),
+                                         q.size(2), q.size(1), shape_string(lse)));
+  }
+  if (!at::isFloatingType(lse.scalar_type()) || lse.device() != q.device()) {
+    throw std::runtime_error(fmt::format("kernels::{}: lse must be a floating tensor on q's device {}, got {} on {}",
+                                         fn, q.device().str(), c10::toString(lse.scalar_type()),
+                                         lse.device().str()));
+  }
+}
+
 }  // namespace ssa::kernels

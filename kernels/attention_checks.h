@@ -33,6 +33,12 @@ void check_options(const char* fn, const SparseOptions& options);
 void check_block_ids(const char* fn, const at::Tensor& block_ids, const at::Tensor& q, int64_t hkv,
                      bool check_values = true);
 
+// Inputs of a backward from a merged result (full_attention_backward,
+// sparse_attention_backward): q, k, v as check_qkv; dout and out the shape of q,
+// floating, on q's device; lse [B, Hq, Sq] floating on q's device.
+void check_merged_grad_inputs(const char* fn, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse);
+
 // Positions must not be negative.
 void check_starts(const char* fn, int64_t q_start, int64_t k_start);
 

@@ -18,6 +18,10 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
 AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
                                  int64_t k_start);
+AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                         const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                         int64_t k_start);
 AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_ids,
                                int64_t block_size);
 #endif

@@ -268,5 +268,30 @@ AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const
   return {r[0], r[1]};
 }
 
+AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                         const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                         int64_t k_start) {
+  const char* fn = "sparse_attention_backward";
+  require_bf16(fn, "q", q);
+  require_bf16(fn, "k", k);
+  require_bf16(fn, "v", v);
+  const Shape shape = make_shape(fn, q, k, block_ids.size(3), options.block_size, q_start, k_start);
+  if (block_ids.scalar_type() != at::kInt || block_ids.device() != q.device()) {
+    throw std::runtime_error(fmt::format("kernels::cuda::{}: block_ids must be int32 on {}", fn, q.device().str()));
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::NoGradGuard no_grad;
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), ids = block_ids.contiguous();
+  // The kernels take the merged statistics as they take their own: P = exp2(s
+  // log2e - lse log2e) over this call's keys, delta = rowsum(dO * out).
+  const at::Tensor o = out.to(at::kBFloat16).contiguous();
+  const at::Tensor l = lse.to(at::kFloat).contiguous();
+  const at::Tensor d = dout.to(at::kBFloat16).contiguous();
+  const InvertedIndex index = build_inverted_index(ids, shape, options.deterministic);
+  Gradients g = backward_kernels(qc, kc, vc, ids, o, l, d, at::Tensor(), shape, options.deterministic, &index);
+  return {g.dq, g.dk, g.dv};
+}
+
 }  // namespace ssa::kernels::cuda
 #endif  // SSA_WITH_CUDA

@@ -37,29 +37,8 @@ void check_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
                   const at::Tensor& out, const at::Tensor& lse, int64_t q_start, int64_t k_start,
                   int64_t chunk_rows) {
   constexpr const char* fn = "full_attention_backward";
-  check_qkv(fn, q, k, v);
+  check_merged_grad_inputs(fn, dout, q, k, v, out, lse);
   check_starts(fn, q_start, k_start);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout}, {"out", out}}) {
-    if (!t.defined() || t.sizes() != q.sizes()) {
-      throw std::runtime_error(fmt::format("kernels::{}: {} must have the shape of q {}, got {}", fn, name,
-                                           shape_string(q), shape_string(t)));
-    }
-    if (!at::isFloatingType(t.scalar_type()) || t.device() != q.device()) {
-      throw std::runtime_error(fmt::format("kernels::{}: {} must be a floating tensor on q's device {}, got {} on {}",
-                                           fn, name, q.device().str(), c10::toString(t.scalar_type()),
-                                           t.device().str()));
-    }
-  }
-  if (!lse.defined() || lse.dim() != 3 || lse.size(0) != q.size(0) || lse.size(1) != q.size(2) ||
-      lse.size(2) != q.size(1)) {
-    throw std::runtime_error(fmt::format("kernels::{}: lse must be [B, Hq, Sq] = [{}, {}, {}], got {}", fn, q.size(0),
-                                         q.size(2), q.size(1), shape_string(lse)));
-  }
-  if (!at::isFloatingType(lse.scalar_type()) || lse.device() != q.device()) {
-    throw std::runtime_error(fmt::format("kernels::{}: lse must be a floating tensor on q's device {}, got {} on {}",
-                                         fn, q.device().str(), c10::toString(lse.scalar_type()),
-                                         lse.device().str()));
-  }
   if (chunk_rows < 0) {
     throw std::runtime_error(fmt::format("kernels::{}: chunk_rows must be >= 0 (0: automatic), got {}", fn, chunk_rows));
   }

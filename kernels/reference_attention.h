@@ -30,6 +30,12 @@ AttentionResult full_attention(const at::Tensor& q, const at::Tensor& k, const a
 AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& block_ids, int64_t block_size, int64_t q_start, int64_t k_start);
 
+// sparse_attention_backward (attention.h): recomputes the part under autograd.
+AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                         const at::Tensor& block_ids, int64_t block_size, int64_t q_start,
+                                         int64_t k_start);
+
 AttentionResult merge_partials(const AttentionResult& a, const AttentionResult& b);
 
 at::Tensor pool_keys(const at::Tensor& k, int64_t block_size);

@@ -2,6 +2,9 @@
 // values of the selected blocks and runs a masked softmax over them. Memory is
 // O(Sq * top_k * block_size) per head; nothing of size Sq * Sk is formed.
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 #include <limits>
@@ -51,6 +54,42 @@ AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const
   const MaskedSoftmax sm = masked_softmax(scores, valid.unsqueeze(3));
   const at::Tensor out = at::matmul(sm.probs, vg);  // [B, Sq, Hkv, G, D]
   return {out.reshape({b, sq, hq, d}).to(q.scalar_type()), sm.lse.reshape({b, sq, hq}).permute({0, 2, 1}).contiguous()};
+}
+
+AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                         const at::Tensor& block_ids, int64_t block_size, int64_t q_start,
+                                         int64_t k_start) {
+  const at::ScalarType ct = compute_type(q.scalar_type());
+  const auto zeros = [ct](const at::Tensor& like) { return at::zeros(like.sizes(), like.options().dtype(ct)); };
+  // The part under autograd (grad mode is off inside a backward).
+  at::Tensor qg, kg, vg;
+  AttentionResult part;
+  {
+    at::AutoGradMode grad_on(true);
+    qg = q.detach().to(ct).requires_grad_(true);
+    kg = k.detach().to(ct).requires_grad_(true);
+    vg = v.detach().to(ct).requires_grad_(true);
+    part = sparse_attention(qg, kg, vg, block_ids, block_size, q_start, k_start);
+  }
+  at::NoGradGuard no_grad;
+  if (!part.out.requires_grad()) return {zeros(q), zeros(k), zeros(v)};  // no key of this part
+  // [B, H, S] row statistics as [B, S, H, 1].
+  auto per_row = [](const at::Tensor& stat) { return stat.transpose(1, 2).unsqueeze(-1); };
+  const at::Tensor d = dout.to(ct), lse_m = lse.to(ct), lse_p = part.lse.detach();
+  // w = exp(lse_part - lse); 0 where the merged row is empty (then lse_part is -inf too).
+  const at::Tensor empty = at::isinf(lse_m).logical_and(lse_m < 0);
+  const at::Tensor w = at::where(empty, at::zeros_like(lse_m), (lse_p - at::where(empty, at::zeros_like(lse_m), lse_m)).exp());
+  const at::Tensor dot_part = (d * part.out.detach()).sum(-1);  // [B, S, H]
+  const at::Tensor dot_merged = (d * out.to(ct)).sum(-1);
+  const at::Tensor grad_lse = w * (dot_part - dot_merged).transpose(1, 2);
+  std::vector<at::Tensor> g;
+  {
+    at::AutoGradMode grad_on(true);
+    g = torch::autograd::grad({part.out, part.lse}, {qg, kg, vg}, {per_row(w) * d, grad_lse},
+                              /*retain_graph=*/false, /*create_graph=*/false, /*allow_unused=*/true);
+  }
+  return {g[0].defined() ? g[0] : zeros(q), g[1].defined() ? g[1] : zeros(k), g[2].defined() ? g[2] : zeros(v)};
 }
 
 }  // namespace ssa::kernels::reference

@@ -1,12 +1,9 @@
 #pragma once
-// Building blocks of context-parallel attention over partial key sets:
-// - PartialSum: the running log-sum-exp merge of partial results (fp32; fp64 for
-//   fp64 inputs) on row ranges of the local sequence.
-// - pair_gradients: the exact gradients w.r.t. q, k, v of one partial result's
-//   share in the merged output, from the merged output and lse.
+// The running log-sum-exp merge of partial attention results (fp32; fp64 for
+// fp64 inputs) on row ranges of the local sequence, for context parallelism. The
+// gradients of each part's share come from kernels::full_attention_backward and
+// kernels::sparse_attention_backward, given the merged output and lse.
 #include <ATen/ATen.h>
-
-#include <functional>
 
 #include "kernels/attention.h"
 
@@ -29,24 +26,5 @@ class PartialSum {
 
 // fp32 for fp32/bf16/fp16 inputs, fp64 for fp64 (finite-difference tests).
 at::ScalarType accumulation_type(at::ScalarType input);
-
-// One kernel call on a part of the keys: (q, k, v) -> out, lse.
-using Attend = std::function<kernels::AttentionResult(const at::Tensor&, const at::Tensor&, const at::Tensor&)>;
-
-struct PairGradients {
-  at::Tensor dq, dk, dv;  // accumulation dtype, shapes of q, k, v
-};
-
-// The part p = attend(q, k, v) entered the merged result as
-//   O = sum_p w_p o_p, w_p = exp(lse_p - lse), lse = logsumexp_p lse_p,
-// so given dO: dL/do_p = w_p dO and dL/dlse_p = w_p (<dO, o_p> - <dO, O>) per row
-// and head. Recomputes the part with autograd and backpropagates both. When the
-// kernel's lse carries no gradient (LibTorch's fused SDPA), the lse term
-// (dS = P * dlse, row-wise) is applied explicitly: dq += scale * dlse * (P K),
-// and dk += scale * P^T (dlse * q), the latter as the value-gradient of a second
-// call that uses K as values.
-//   grad_out, out: [B, Sq, Hq, D]; lse: [B, Hq, Sq] (the merged result's rows).
-PairGradients pair_gradients(const Attend& attend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse);
 
 }  // namespace ssa::parallel

@@ -144,36 +144,30 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
   const auto acc = q.options().dtype(accumulation_type(q.scalar_type()));
   at::Tensor dq = at::zeros(q.sizes(), acc);
   at::Tensor dk, dv;
-  // The full stream's gradient stays in its dtype (the fused backward takes it so;
-  // the matmul path converts per chunk); the sparse one is recomputed in acc.
+  // Gradients stay in their dtype (the fused and CUDA backwards take them so; the
+  // formula paths convert per chunk).
   const at::Tensor g_full = grad_full.defined() ? grad_full.contiguous() : at::Tensor();
-  const at::Tensor g_sparse = grad_sparse.defined() ? grad_sparse.to(acc.dtype()) : at::Tensor();
+  const at::Tensor g_sparse = grad_sparse.defined() ? grad_sparse.contiguous() : at::Tensor();
 
-  // Adds one item's gradients; the K/V gradients go into rows of dk_buf/dv_buf.
+  // Adds one item's gradients, straight from the merged output and lse (no
+  // recomputed forward); the K/V gradients go into rows of dk_buf/dv_buf.
   auto accumulate = [&](const WorkItem& w, const at::Tensor& kk, const at::Tensor& vv, at::Tensor& dk_buf,
                         at::Tensor& dv_buf) {
     const at::Tensor& g = w.sparse ? g_sparse : g_full;
     if (!g.defined()) return;  // that output received no gradient
     const at::Tensor& o = w.sparse ? outputs.out_sparse : outputs.out_full;
     const at::Tensor& l = w.sparse ? outputs.lse_sparse : outputs.lse_full;
-    if (!w.sparse) {
-      // Full stream: straight from the merged output and lse, no recomputed forward.
-      const kernels::AttentionGrads fg = kernels::full_attention_backward(
-          g.narrow(1, w.q_row, w.q_len), q.narrow(1, w.q_row, w.q_len), kk.narrow(1, w.kv_row, w.kv_len),
-          vv.narrow(1, w.kv_row, w.kv_len), o.narrow(1, w.q_row, w.q_len), l.narrow(2, w.q_row, w.q_len), w.q_pos,
-          w.k_pos);
-      dq.narrow(1, w.q_row, w.q_len).add_(fg.dq);
-      dk_buf.narrow(1, w.kv_row, w.kv_len).add_(fg.dk);
-      dv_buf.narrow(1, w.kv_row, w.kv_len).add_(fg.dv);
-      return;
+    const at::Tensor gq = g.narrow(1, w.q_row, w.q_len), qq = q.narrow(1, w.q_row, w.q_len);
+    const at::Tensor k_rows = kk.narrow(1, w.kv_row, w.kv_len), v_rows = vv.narrow(1, w.kv_row, w.kv_len);
+    const at::Tensor oq = o.narrow(1, w.q_row, w.q_len), lq = l.narrow(2, w.q_row, w.q_len);
+    kernels::AttentionGrads pg;
+    if (w.sparse) {
+      const at::Tensor& ids = w.compact ? setup.compact_block_ids[static_cast<size_t>(w.slot)]
+                                        : setup.block_ids[static_cast<size_t>(w.slot)];
+      pg = kernels::sparse_attention_backward(gq, qq, k_rows, v_rows, oq, lq, ids, setup.options, w.q_pos, w.k_pos);
+    } else {
+      pg = kernels::full_attention_backward(gq, qq, k_rows, v_rows, oq, lq, w.q_pos, w.k_pos);
     }
-    const Attend attend = [&setup, &w](const at::Tensor& qq, const at::Tensor& k2, const at::Tensor& v2) {
-      return attend_item(setup, w, qq, k2, v2);
-    };
-    const PairGradients pg =
-        pair_gradients(attend, q.narrow(1, w.q_row, w.q_len), kk.narrow(1, w.kv_row, w.kv_len),
-                       vv.narrow(1, w.kv_row, w.kv_len), g.narrow(1, w.q_row, w.q_len), o.narrow(1, w.q_row, w.q_len),
-                       l.narrow(2, w.q_row, w.q_len));
     dq.narrow(1, w.q_row, w.q_len).add_(pg.dq);
     dk_buf.narrow(1, w.kv_row, w.kv_len).add_(pg.dk);
     dv_buf.narrow(1, w.kv_row, w.kv_len).add_(pg.dv);

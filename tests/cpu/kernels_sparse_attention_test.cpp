@@ -143,6 +143,37 @@ TEST(SparseAttention, KeyChunksMergedEqualConcatenatedKeys) {
   for (size_t i = 0; i < 3; ++i) expect_close(gp[i], gw[i], 1e-9, 1e-9, "gradient " + std::to_string(i));
 }
 
+// sparse_attention_backward per key chunk, from the merged out and lse, adds up
+// to autograd of the whole (fp64): three chunks, one of them the queries' own
+// positions, one that no query sees fully, one before every query.
+TEST(SparseAttention, BackwardFromMergedResultAddsUpToTheWhole) {
+  at::manual_seed(16);
+  const int64_t q_start = 40;
+  const at::Tensor q = randn({2, 24, 4, 8}), k = randn({2, 64, 2, 8}), v = randn({2, 64, 2, 8});
+  const at::Tensor dout = randn({2, 24, 4, 8});
+  const SparseOptions opt = options_of(8, 3);
+  const at::Tensor ids = random_block_ids(2, 24, 2, 3, 8, q_start);
+  std::vector<at::Tensor> in;
+  for (const auto& t : {q, k, v}) in.push_back(t.clone().set_requires_grad(true));
+  const AttentionResult whole = sparse_attention(in[0], in[1], in[2], ids, opt, q_start, 0);
+  const auto want = torch::autograd::grad({(whole.out * dout).sum()}, in);
+  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  for (const auto& [row, len] : {std::pair<int64_t, int64_t>{0, 24}, {24, 16}, {40, 24}}) {
+    const AttentionGrads g = sparse_attention_backward(dout, q, k.narrow(1, row, len), v.narrow(1, row, len),
+                                                       whole.out.detach(), whole.lse.detach(), ids, opt, q_start, row);
+    EXPECT_EQ(g.dk.sizes(), k.narrow(1, row, len).sizes());
+    dq += g.dq;
+    dk.narrow(1, row, len) += g.dk;
+    dv.narrow(1, row, len) += g.dv;
+  }
+  ASSERT_GT(want[1].abs().max().item<double>(), 1e-3);
+  expect_close(dq, want[0], 1e-9, 1e-9, "dq");
+  expect_close(dk, want[1], 1e-9, 1e-9, "dk");
+  expect_close(dv, want[2], 1e-9, 1e-9, "dv");
+  EXPECT_THROW(sparse_attention_backward(dout.narrow(1, 0, 8), q, k, v, whole.out, whole.lse, ids, opt, q_start, 0),
+               std::runtime_error);
+}
+
 TEST(SparseAttention, RowsWithoutVisibleKeysAreEmptyWithFiniteGradients) {
   at::manual_seed(16);
   // Keys [16, 24) only; queries [0, 8) select block 0 (not in this chunk) or nothing.

@@ -135,6 +135,46 @@ TEST(CudaSparseAttention, RejectsWhatItCannotRun) {
   EXPECT_THROW(sparse_attention(q, k, k, make_block_ids(1, 32, 2, 2, 8, 0, 0), opt), std::runtime_error);
 }
 
+// The backward from a merged result (the context-parallel ring's path): per key
+// chunk with the whole call's out and lse, the CUDA gradients summed over the
+// chunks equal the reference's on fp32 copies, within the bf16 spread.
+TEST(CudaSparseAttention, BackwardFromMergedResultPerKeyChunk) {
+  SSA_REQUIRE_GPU();
+  at::manual_seed(21);
+  const int64_t b = 2, sq = 256, sk = 512, hq = 16, hkv = 2, d = 64, bs = 16, top_k = 8, q_start = 256;
+  const at::Tensor q = at::randn({b, sq, hq, d}, gpu()), k = at::randn({b, sk, hkv, d}, gpu()),
+                   v = at::randn({b, sk, hkv, d}, gpu()), dout = at::randn({b, sq, hq, d}, gpu());
+  const at::Tensor ids = make_block_ids(b, sq, hkv, top_k, bs, q_start, 2);
+  struct Sum {
+    at::Tensor dq, dk, dv;
+  };
+  auto chunked = [&](Backend backend, at::ScalarType dtype) {
+    SparseOptions opt;
+    opt.block_size = bs;
+    opt.top_k = top_k;
+    opt.backend = backend;
+    const at::Tensor qd = q.to(dtype), kd = k.to(dtype), vd = v.to(dtype), dd = dout.to(dtype);
+    at::NoGradGuard no_grad;
+    const AttentionResult whole = sparse_attention(qd, kd, vd, ids, opt, q_start, 0);
+    Sum s{at::zeros(q.sizes(), gpu(at::kFloat)), at::zeros(k.sizes(), gpu(at::kFloat)),
+          at::zeros(v.sizes(), gpu(at::kFloat))};
+    for (const int64_t row : {0, 128, 256, 384}) {
+      const AttentionGrads g = sparse_attention_backward(dd, qd, kd.narrow(1, row, 128), vd.narrow(1, row, 128),
+                                                         whole.out, whole.lse, ids, opt, q_start, row);
+      s.dq += g.dq.to(at::kFloat);
+      s.dk.narrow(1, row, 128) += g.dk.to(at::kFloat);
+      s.dv.narrow(1, row, 128) += g.dv.to(at::kFloat);
+    }
+    return s;
+  };
+  const Sum got = chunked(Backend::kCuda, at::kBFloat16);
+  const Sum want = chunked(Backend::kReference, at::kFloat);
+  EXPECT_GT(want.dk.abs().max().item<double>(), 1e-2);
+  EXPECT_LT(relative_error(got.dq, want.dq), 2e-2);
+  EXPECT_LT(relative_error(got.dk, want.dk), 2e-2);
+  EXPECT_LT(relative_error(got.dv, want.dv), 2e-2);
+}
+
 // "auto" uses the kernels where they take the inputs and the reference elsewhere:
 // fp32, head dim 96, block 8 and a top-k above the selection kernel's limit all run
 // (and give the reference's answer) instead of throwing as Backend::kCuda does.
