@@ -7,7 +7,8 @@
 //   every key precedes every query (a context-parallel chunk from the past),
 //   fused SDPA that also returns the log-sum-exp:
 //   _scaled_dot_product_flash_attention_for_cpu on CPU (fp32/fp64/bf16/fp16),
-//   _scaled_dot_product_flash_attention on CUDA for bf16/fp16, and
+//   _scaled_dot_product_cudnn_attention on CUDA for bf16/fp16 with D <= 128
+//   (GQA native), _scaled_dot_product_flash_attention for larger D, and
 //   _scaled_dot_product_efficient_attention for fp32 (D % 8 == 0, D <= 256);
 //   GQA by repeating each kv head over its query heads. Their lse output carries
 //   no gradient (out does). Every other case (partial causal overlap of the
@@ -215,6 +216,27 @@ AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tenso
 
 AttentionResult merge_partials(const AttentionResult& a, const AttentionResult& b) {
   return reference::merge_partials(a, b);
+}
+
+void merge_into(at::Tensor& acc_out, at::Tensor& acc_lse, const AttentionResult& part) {
+  if (!acc_out.defined() || !acc_lse.defined() || !part.out.defined() || !part.lse.defined() || acc_out.dim() != 4 ||
+      acc_lse.dim() != 3 || part.out.sizes() != acc_out.sizes() ||
+      acc_lse.sizes() != at::IntArrayRef{acc_out.size(0), acc_out.size(2), acc_out.size(1)} ||
+      part.lse.sizes() != acc_lse.sizes()) {
+    throw std::runtime_error(fmt::format(
+        "kernels::merge_into: need acc_out and part.out [B, n, H, D] alike and acc_lse, part.lse [B, H, n], got "
+        "acc_out {}, acc_lse {}, part.out {}, part.lse {}",
+        shape_string(acc_out), shape_string(acc_lse), shape_string(part.out), shape_string(part.lse)));
+  }
+  if (!at::isFloatingType(acc_out.scalar_type()) || acc_out.scalar_type() != acc_lse.scalar_type() ||
+      at::elementSize(acc_out.scalar_type()) < 4) {
+    throw std::runtime_error(fmt::format("kernels::merge_into: accumulators must be fp32 or fp64 alike, got {} and {}",
+                                         c10::toString(acc_out.scalar_type()), c10::toString(acc_lse.scalar_type())));
+  }
+#ifdef SSA_WITH_CUDA
+  if (cuda_usable(acc_out.device()) && cuda::merge_into(acc_out, acc_lse, part)) return;
+#endif
+  reference::merge_into(acc_out, acc_lse, part);
 }
 
 AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_ids,

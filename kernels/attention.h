@@ -74,7 +74,7 @@ AttentionResult full_attention(const at::Tensor& q, const at::Tensor& k, const a
 //   lse [B, Hq, Sq] (natural log, -inf for a row with no key in any part).
 // Returns dq [B, Sq, Hq, D], dk, dv [B, Sk, Hkv, D] (summed over each GQA group),
 // in the dtypes of q, k, v. CUDA bf16/fp16 pairs that are either the same
-// positions (causal) or entirely in the past use LibTorch's fused flash backward;
+// positions (causal) or entirely in the past use LibTorch's fused backward (cuDNN);
 // everything else the matmul formula above, chunk_rows queries at a time
 // (0: sized for ~64 MiB of scores), in fp32 (fp64 for fp64 inputs).
 struct AttentionGrads {
@@ -125,6 +125,14 @@ AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tenso
 
 // Merges two partial attention results over disjoint key sets (fp32 LSE merge).
 AttentionResult merge_partials(const AttentionResult& a, const AttentionResult& b);
+
+// In-place merge of a partial result into accumulators over disjoint key sets
+// (no gradient; context-parallel forward): acc_out [B, n, H, D] fp32 (fp64 for
+// fp64 parts) with a unit last stride, e.g. a row range of a larger buffer, and
+// acc_lse [B, H, n] (unit stride along n) become the merge of themselves and
+// part. Rows empty in both stay out 0, lse -inf. fp32 accumulators on a GPU
+// with the CUDA kernels: one fused kernel; otherwise the same formula in ATen ops.
+void merge_into(at::Tensor& acc_out, at::Tensor& acc_lse, const AttentionResult& part);
 
 // Eval statistics of the full attention distribution (ssa-method.md), without
 // gradient: per query and head, the fraction of the full attention mass inside the

@@ -24,6 +24,9 @@ AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tenso
                                          int64_t k_start);
 AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_ids,
                                int64_t block_size);
+// kernels::merge_into for fp32 CUDA accumulators; false (nothing done) when the
+// inputs do not fit the kernel (then the caller uses the ATen formula).
+bool merge_into(at::Tensor& acc_out, at::Tensor& acc_lse, const AttentionResult& part);
 #endif
 
 }  // namespace ssa::kernels::cuda

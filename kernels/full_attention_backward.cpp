@@ -8,10 +8,9 @@
 // Layouts as kernels/attention.h. Paths:
 // - CUDA, bf16/fp16, D % 8 == 0, D <= 256, and a pair that is either the same
 //   positions (q_start == k_start, Sq == Sk: causal) or entirely in the past
-//   (every key at or before the first query: no mask): the fused flash backward
-//   (the op the fused forward's autograd runs), fed with the merged out and lse.
-//   It takes [B, H, S, D] views; GQA by repeating each kv head over its query
-//   heads, the gradients summed back over the group in fp32.
+//   (every key at or before the first query: no mask): the fused backward the
+//   fused forward's autograd runs (cuDNN, or flash for larger head dims), fed
+//   with the merged out and lse, over [B, H, S, D] views.
 // - Otherwise: the matmul formula in chunks of queries, fp32 (fp64 for fp64).
 #include <ATen/ATen.h>
 #include <fmt/format.h>
@@ -53,20 +52,36 @@ bool fused_usable(const at::Tensor& q) {
   return q.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && d % 8 == 0 && d <= 256;
 }
 
-// LibTorch's flash backward over [B, H, S, D] views; causal is top-left aligned
-// (Sq == Sk here). Same positions or all keys in the past only.
+// LibTorch's fused backward over [B, H, S, D] views; causal is top-left aligned
+// (Sq == Sk here). Same positions or all keys in the past only. cuDNN where
+// reference::cudnn_attention_usable (GQA native: dK/dV come per kv head); else
+// the flash backward with each kv head repeated over its query heads and the
+// gradients summed back over the group in fp32.
 AttentionGrads fused_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& out, const at::Tensor& lse, bool causal) {
   const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), d = q.size(3);
   const int64_t sk = k.size(1), hkv = k.size(2), group = hq / hkv;
   const at::ScalarType dtype = q.scalar_type();
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-  auto per_query_head = [group](const at::Tensor& t) { return group == 1 ? t : t.repeat_interleave(group, 2); };
   const at::Tensor qh = unit_last_stride(q).transpose(1, 2);
+  // out and dout in one layout ([B, S, H, D] memory), as the forward returns out.
+  const at::Tensor oh = out.to(dtype).contiguous().transpose(1, 2);
+  const at::Tensor doh = dout.to(dtype).contiguous().transpose(1, 2);
+  if (reference::cudnn_attention_usable(q)) {
+    const at::Tensor lse4 = lse.to(at::kFloat).contiguous().view({b, hq, sq, 1});
+    // Dropout is off, so the random state is never read; no bias, no packed
+    // (variable-length) sequences.
+    const at::Tensor none, seed = at::empty({}, at::dtype(at::kLong)), offset = at::empty({}, at::dtype(at::kLong));
+    at::Tensor dqh, dkh, dvh;  // dq [B, Hq, Sq, D]; dk, dv [B, Hkv, Sk, D]
+    std::tie(dqh, dkh, dvh) = at::_scaled_dot_product_cudnn_attention_backward(
+        doh, qh, unit_last_stride(k).transpose(1, 2), unit_last_stride(v).transpose(1, 2), oh, lse4, seed, offset,
+        none, none, none, sq, sk, 0.0, causal, scale);
+    return {dqh.transpose(1, 2).contiguous(), dkh.transpose(1, 2).to(k.scalar_type()).contiguous(),
+            dvh.transpose(1, 2).to(v.scalar_type()).contiguous()};
+  }
+  auto per_query_head = [group](const at::Tensor& t) { return group == 1 ? t : t.repeat_interleave(group, 2); };
   const at::Tensor kh = unit_last_stride(per_query_head(k)).transpose(1, 2);
   const at::Tensor vh = unit_last_stride(per_query_head(v)).transpose(1, 2);
-  const at::Tensor oh = unit_last_stride(out.to(dtype)).transpose(1, 2);
-  const at::Tensor doh = unit_last_stride(dout.to(dtype)).transpose(1, 2);
   const at::Tensor lse_f = lse.to(at::kFloat).contiguous();  // [B, Hq, Sq], read as a dense array
   // Dropout is off, so the random state is never read; shaped as the forward returns it.
   const at::Tensor seed = at::empty({2}, q.options().dtype(at::kUInt64));

@@ -14,6 +14,12 @@ namespace ssa::kernels::reference {
 // tests), everything else (fp32, bf16, fp16) is computed in fp32.
 at::ScalarType compute_type(at::ScalarType input);
 
+// Whether the fused full attention (forward and full_attention_backward) runs on
+// cuDNN: CUDA bf16/fp16, head dim a multiple of 8 up to 128. On Hopper it is
+// ~1.6x LibTorch's flash kernel at head dim 64 and takes GQA without repeating
+// K/V; larger head dims and other dtypes keep the flash / efficient kernels.
+bool cudnn_attention_usable(const at::Tensor& q);
+
 // Softmax over the last dim of scores restricted to the `valid` entries
 // (broadcastable bool). A row with no valid entry gets probs 0 and lse -inf, with
 // finite gradients (no NaN) in both outputs.
@@ -37,6 +43,7 @@ AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tenso
                                          int64_t k_start);
 
 AttentionResult merge_partials(const AttentionResult& a, const AttentionResult& b);
+void merge_into(at::Tensor& acc_out, at::Tensor& acc_lse, const AttentionResult& part);
 
 at::Tensor pool_keys(const at::Tensor& k, int64_t block_size);
 

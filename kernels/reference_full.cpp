@@ -42,13 +42,20 @@ std::optional<AttentionResult> fused_attention(const at::Tensor& q, const at::Te
   const int64_t sq = q.size(1);
   const int64_t d = q.size(3);
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const at::ScalarType dtype = q.scalar_type();
   // [B, S, H, D] -> [B, H, S, D] views; the kernels take strided inputs with a unit last stride.
   const at::Tensor qh = q.transpose(1, 2);
+  at::Tensor out;  // [B, Hq, Sq, D]
+  at::Tensor lse;  // [B, Hq, >= Sq] (cuDNN: [B, Hq, Sq, 1])
+  if (cudnn_attention_usable(q)) {
+    // cuDNN takes the kv heads as they are (GQA without repeating K/V).
+    auto res = at::_scaled_dot_product_cudnn_attention(qh, k.transpose(1, 2), v.transpose(1, 2), std::nullopt,
+                                                       /*compute_log_sumexp=*/true, 0.0, causal, false, scale);
+    return AttentionResult{std::get<0>(res).transpose(1, 2).contiguous(),
+                           std::get<1>(res).reshape({q.size(0), q.size(2), sq}).to(at::kFloat).contiguous()};
+  }
   const at::Tensor kh = repeat_kv(k, group).transpose(1, 2);
   const at::Tensor vh = repeat_kv(v, group).transpose(1, 2);
-  at::Tensor out;  // [B, Hq, Sq, D]
-  at::Tensor lse;  // [B, Hq, >= Sq]
-  const at::ScalarType dtype = q.scalar_type();
   if (q.is_cpu()) {
     if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kBFloat16 && dtype != at::kHalf) {
       return std::nullopt;
@@ -100,6 +107,11 @@ AttentionResult matmul_attention(const at::Tensor& q, const at::Tensor& k, const
 
 }  // namespace
 
+bool cudnn_attention_usable(const at::Tensor& q) {
+  const at::ScalarType dtype = q.scalar_type();
+  return q.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && q.size(3) % 8 == 0 && q.size(3) <= 128;
+}
+
 at::ScalarType compute_type(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
 
 MaskedSoftmax masked_softmax(const at::Tensor& scores, const at::Tensor& valid) {
@@ -133,6 +145,24 @@ AttentionResult full_attention(const at::Tensor& q, const at::Tensor& k, const a
   }
   if (fused) return *fused;
   return matmul_attention(q, kt, vt, q_start, k_start);
+}
+
+void merge_into(at::Tensor& acc_out, at::Tensor& acc_lse, const AttentionResult& part) {
+  at::NoGradGuard no_grad;
+  const at::Tensor lp = part.lse.to(acc_lse.scalar_type());
+  // Shift by the larger lse; rows empty in both keep lse -inf and out 0.
+  const at::Tensor m = at::maximum(acc_lse, lp);
+  const at::Tensor m_safe = at::where(m == -kInf, at::zeros_like(m), m);
+  const at::Tensor wa = (acc_lse - m_safe).exp();
+  const at::Tensor wb = (lp - m_safe).exp();
+  const at::Tensor total = wa + wb;
+  const at::Tensor empty = total == 0;
+  const at::Tensor total_safe = at::where(empty, at::ones_like(total), total);
+  const at::Tensor merged = at::where(empty, at::full_like(total, -kInf), total_safe.log() + m_safe);
+  // [B, H, n] weights as [B, n, H, 1] to scale rows of out.
+  auto per_row = [](const at::Tensor& w) { return w.transpose(1, 2).unsqueeze(-1); };
+  acc_out.mul_(per_row(wa / total_safe)).add_(part.out.to(acc_out.scalar_type()) * per_row(wb / total_safe));
+  acc_lse.copy_(merged);
 }
 
 AttentionResult merge_partials(const AttentionResult& a, const AttentionResult& b) {

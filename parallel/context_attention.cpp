@@ -73,9 +73,20 @@ int64_t select_global_blocks(RingSetup& setup, const at::Tensor& q, const at::Te
     at::Tensor ids = kernels::select_blocks(q.detach().narrow(1, a * c, c), pooled.narrow(1, 0, (g + 1) * nbc),
                                             setup.options, z.position(a));
     setup.block_ids[static_cast<size_t>(a)] = ids;
+    if (setup.request.full) continue;
     // Chunk of every selected block, -1 slots to an extra bin.
     const at::Tensor ids64 = ids.to(at::kLong);
     chunk_of_block.push_back(at::where(ids64 >= 0, ids64.div(nbc, "floor"), at::full_like(ids64, z.chunks())).reshape({-1}));
+  }
+  if (setup.request.full) {
+    // With the full stream the K/V travel the ring anyway: every chunk a query
+    // chunk may see counts as needed (a chunk nobody selected costs one kernel
+    // call that finds no ids in range), and the host never waits on the GPU.
+    setup.needed.assign(static_cast<size_t>(2 * z.chunks()), 0);
+    for (int64_t a = 0; a < 2; ++a) {
+      for (int64_t g = 0; g <= z.global_chunk(a); ++g) setup.needed[static_cast<size_t>(a * z.chunks() + g)] = 1;
+    }
+    return pooled_local.numel() * pooled_local.element_size() * (z.cp - 1);
   }
   // needed [2, 2cp]: one small copy to the host per layer.
   std::vector<at::Tensor> counts;

@@ -13,8 +13,10 @@
 // - Sparse stream: block-mean keys are all-gathered over cp (small), every rank
 //   selects its top-k over the *global* blocks (kernels::select_blocks with the
 //   chunk's q_start), and only the selected blocks of each visiting chunk are
-//   computed (kernels::sparse_attention with the chunk's k_start); a visiting
-//   chunk from which a query chunk selected nothing is skipped.
+//   computed (kernels::sparse_attention with the chunk's k_start). Sparse stream
+//   alone: a visiting chunk from which a query chunk selected nothing is skipped
+//   (found with one small device-to-host copy per call; with both streams the
+//   host does not wait for it).
 // - Both streams share one rotation of K/V.
 // - Sparse stream alone (attention.mode = sparse, sparse inference): instead of
 //   the ring, each rank may fetch only the K/V blocks its queries selected from

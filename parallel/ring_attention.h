@@ -27,7 +27,8 @@ struct RingSetup : torch::CustomClassHolder {
   StreamRequest request;
   SparseTransport transport = SparseTransport::kNone;
   std::array<at::Tensor, 2> block_ids;  // [B, c, Hkv, K] int32 per local q chunk (sparse stream)
-  // needed[a * 2cp + g]: local q chunk a selected some block of global chunk g.
+  // needed[a * 2cp + g]: local q chunk a selected some block of global chunk g
+  // (with the full stream too: g is causal for chunk a; see select_global_blocks).
   std::vector<uint8_t> needed;
   std::optional<SelectedPlan> plan;             // kSelectedBlocks
   std::array<at::Tensor, 2> compact_block_ids;  // kSelectedBlocks: ids into the compact K/V

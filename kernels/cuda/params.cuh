@@ -172,4 +172,22 @@ struct StatsParams {
 };
 cudaError_t launch_stats(const StatsParams& p, cudaStream_t stream);
 
+// In-place log-sum-exp merge of a partial attention result into fp32
+// accumulators (context-parallel chunks). One warp per (batch, row, head):
+//   acc_out [B, n, H, D] fp32 with strides (out_sb, out_st, out_sh, 1) — a row
+//   range of a larger buffer; acc_lse [B, H, n] fp32 with strides (lse_sb,
+//   lse_sh, 1); part_out [B, n, H, D] (bf16 or fp32, contiguous), part_lse
+//   [B, H, n] fp32 contiguous. Rows empty in both stay out 0, lse -inf.
+struct MergeParams {
+  int batch = 0, rows = 0, heads = 0, head_dim = 0;
+  float* acc_out = nullptr;
+  int64_t out_sb = 0, out_st = 0, out_sh = 0;
+  float* acc_lse = nullptr;
+  int64_t lse_sb = 0, lse_sh = 0;
+  const void* part_out = nullptr;
+  bool part_bf16 = true;
+  const float* part_lse = nullptr;
+};
+cudaError_t launch_merge_partial(const MergeParams& p, cudaStream_t stream);
+
 }  // namespace ssa::kernels::cuda

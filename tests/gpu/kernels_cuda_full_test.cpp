@@ -1,0 +1,99 @@
+// Full attention on CUDA bf16 (the fused cuDNN / flash path, GQA without repeated
+// K/V) against the same computation on fp32 copies (efficient-attention forward,
+// matmul-formula backward): the whole causal attention under autograd, and
+// full_attention_backward per key chunk from the merged out and lse, as the
+// context-parallel ring calls it (a diagonal chunk and a chunk from the past).
+// Bounds are norm-relative, a few times the bf16 rounding of the inputs.
+#include <gtest/gtest.h>
+
+#include <limits>
+#include <string>
+
+#include "kernels/attention.h"
+#include "kernels_gpu_support.h"
+
+namespace ssa::kernels {
+namespace {
+
+using gpu_test::gpu;
+using gpu_test::relative_error;
+
+struct Grads {
+  at::Tensor out, lse, dq, dk, dv;
+};
+
+Grads whole(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout) {
+  const at::Tensor ql = q.detach().requires_grad_(true), kl = k.detach().requires_grad_(true),
+                   vl = v.detach().requires_grad_(true);
+  const AttentionResult r = full_attention(ql, kl, vl);
+  const auto g = torch::autograd::grad({(r.out.to(at::kFloat) * dout.to(at::kFloat)).sum()}, {ql, kl, vl});
+  return {r.out.detach(), r.lse.detach(), g[0], g[1], g[2]};
+}
+
+TEST(CudaFullAttention, FusedForwardAndBackwardMatchFp32) {
+  SSA_REQUIRE_GPU();
+  for (const auto& [hq, hkv, d] : {std::tuple<int64_t, int64_t, int64_t>{16, 2, 64}, {8, 8, 128}, {4, 1, 64}}) {
+    const std::string name = "hq " + std::to_string(hq) + " hkv " + std::to_string(hkv) + " d " + std::to_string(d);
+    at::manual_seed(5);
+    const int64_t b = 2, s = 640;
+    const at::Tensor q = at::randn({b, s, hq, d}, gpu()), k = at::randn({b, s, hkv, d}, gpu()),
+                     v = at::randn({b, s, hkv, d}, gpu()), dout = at::randn({b, s, hq, d}, gpu());
+    const Grads got = whole(q, k, v, dout);
+    const Grads want = whole(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), dout.to(at::kFloat));
+    EXPECT_EQ(got.dk.sizes(), k.sizes()) << name;
+    EXPECT_LT(relative_error(got.out, want.out), 1e-2) << name;
+    EXPECT_LT((got.lse - want.lse).abs().max().item<double>(), 2e-2) << name;
+    for (const auto& [what, g, w] : {std::tuple<const char*, at::Tensor, at::Tensor>{"dq", got.dq, want.dq},
+                                     {"dk", got.dk, want.dk},
+                                     {"dv", got.dv, want.dv}}) {
+      EXPECT_LT(relative_error(g, w), 2e-2) << name << " " << what;
+    }
+
+    // Key chunks [0, 256) (past for queries [256, 640)) and [256, 640) (diagonal),
+    // gradients from the merged result: their sum is the whole's.
+    const int64_t q0 = 256, n = s - q0;
+    const at::Tensor qc = q.narrow(1, q0, n), dc = dout.narrow(1, q0, n);
+    const at::Tensor oc = got.out.narrow(1, q0, n), lc = got.lse.narrow(2, q0, n);
+    const AttentionGrads past = full_attention_backward(dc, qc, k.narrow(1, 0, q0), v.narrow(1, 0, q0), oc, lc, q0, 0);
+    const AttentionGrads diag =
+        full_attention_backward(dc, qc, k.narrow(1, q0, n), v.narrow(1, q0, n), oc, lc, q0, q0);
+    EXPECT_EQ(past.dk.sizes(), k.narrow(1, 0, q0).sizes()) << name;
+    const at::Tensor dq = past.dq.to(at::kFloat) + diag.dq.to(at::kFloat);
+    EXPECT_LT(relative_error(dq, want.dq.narrow(1, q0, n)), 2e-2) << name << " chunked dq";
+    // Keys [256, 640) get gradient only from queries [256, 640): the diagonal chunk's.
+    EXPECT_LT(relative_error(diag.dk, want.dk.narrow(1, q0, n)), 2e-2) << name << " chunked dk";
+    EXPECT_LT(relative_error(diag.dv, want.dv.narrow(1, q0, n)), 2e-2) << name << " chunked dv";
+  }
+}
+
+// The fused merge kernel against the ATen formula on CPU copies: accumulators
+// that are a row range of a larger buffer, rows empty in the accumulator, in the
+// part, and in both.
+TEST(CudaFullAttention, FusedMergeMatchesTheFormula) {
+  SSA_REQUIRE_GPU();
+  at::manual_seed(9);
+  const int64_t b = 2, rows = 96, h = 4, d = 64, n = 40, row0 = 32;
+  const double inf = std::numeric_limits<double>::infinity();
+  for (const at::ScalarType part_type : {at::kBFloat16, at::kFloat}) {
+    at::Tensor out_gpu = at::randn({b, rows, h, d}, gpu(at::kFloat));
+    at::Tensor lse_gpu = at::randn({b, h, rows}, gpu(at::kFloat));
+    lse_gpu.narrow(2, row0, 5).fill_(-inf);  // empty accumulator rows (their out is 0)
+    out_gpu.narrow(1, row0, 5).zero_();
+    AttentionResult part{at::randn({b, n, h, d}, gpu(part_type)), at::randn({b, h, n}, gpu(at::kFloat))};
+    part.lse.narrow(2, 3, 4).fill_(-inf);  // empty part rows, overlapping the empty accumulator rows at 3, 4
+    part.out.narrow(1, 3, 4).zero_();
+    at::Tensor out_cpu = out_gpu.cpu(), lse_cpu = lse_gpu.cpu();
+    at::Tensor o1 = out_gpu.narrow(1, row0, n), l1 = lse_gpu.narrow(2, row0, n);
+    merge_into(o1, l1, part);
+    at::Tensor o2 = out_cpu.narrow(1, row0, n), l2 = lse_cpu.narrow(2, row0, n);
+    merge_into(o2, l2, AttentionResult{part.out.cpu(), part.lse.cpu()});
+    EXPECT_TRUE(at::allclose(out_gpu.cpu(), out_cpu, 1e-5, 1e-5));
+    EXPECT_TRUE(at::equal(at::isinf(lse_gpu.cpu()), at::isinf(lse_cpu)));
+    const at::Tensor finite = at::isfinite(lse_cpu);
+    EXPECT_TRUE(at::allclose(lse_gpu.cpu().masked_select(finite), lse_cpu.masked_select(finite), 1e-5, 1e-5));
+    EXPECT_TRUE(at::equal(out_gpu.narrow(1, 0, row0).cpu(), out_cpu.narrow(1, 0, row0)));  // rows outside untouched
+  }
+}
+
+}  // namespace
+}  // namespace ssa::kernels
