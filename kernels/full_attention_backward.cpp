@@ -71,7 +71,7 @@ AttentionGrads fused_backward(const at::Tensor& dout, const at::Tensor& q, const
     const at::Tensor lse4 = lse.to(at::kFloat).contiguous().view({b, hq, sq, 1});
     // Dropout is off, so the random state is never read; no bias, no packed
     // (variable-length) sequences.
-    const at::Tensor none, seed = at::empty({}, at::dtype(at::kLong)), offset = at::empty({}, at::dtype(at::kLong));
+    const at::Tensor none, seed = at::empty({}, q.options().dtype(at::kLong)), offset = at::empty_like(seed);
     at::Tensor dqh, dkh, dvh;  // dq [B, Hq, Sq, D]; dk, dv [B, Hkv, Sk, D]
     std::tie(dqh, dkh, dvh) = at::_scaled_dot_product_cudnn_attention_backward(
         doh, qh, unit_last_stride(k).transpose(1, 2), unit_last_stride(v).transpose(1, 2), oh, lse4, seed, offset,

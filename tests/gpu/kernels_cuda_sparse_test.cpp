@@ -186,11 +186,13 @@ TEST(CudaSparseAttention, AutoFallsBackOutsideTheKernels) {
     std::string name;
     at::ScalarType dtype;
     int64_t d, block_size, top_k;
-    bool cuda;
+    bool select_cuda, attend_cuda;  // where auto runs selection and attention
   };
-  for (const Input& in : {Input{"bf16 d64", at::kBFloat16, 64, 16, 4, true}, Input{"fp32", at::kFloat, 64, 16, 4, false},
-                          Input{"d96", at::kBFloat16, 96, 16, 4, false}, Input{"block 8", at::kBFloat16, 64, 8, 4, false},
-                          Input{"top-k 80", at::kBFloat16, 64, 16, 80, false}}) {
+  for (const Input& in : {Input{"bf16 d64", at::kBFloat16, 64, 16, 4, true, true},
+                          Input{"fp32", at::kFloat, 64, 16, 4, false, false},
+                          Input{"d96", at::kBFloat16, 96, 16, 4, false, false},
+                          Input{"block 8", at::kBFloat16, 64, 8, 4, false, false},
+                          Input{"top-k 80", at::kBFloat16, 64, 16, 80, false, true}}) {
     at::manual_seed(3);
     const int64_t s = 16 * 96;
     const at::Tensor q = at::randn({1, s, 4, in.d}, gpu(in.dtype)), k = at::randn({1, s, 2, in.d}, gpu(in.dtype)),
@@ -200,18 +202,22 @@ TEST(CudaSparseAttention, AutoFallsBackOutsideTheKernels) {
     opt.top_k = in.top_k;
     opt.backend = automatic;
     const at::Tensor pooled = pool_keys(k, in.block_size);
-    EXPECT_EQ(runs_on_cuda(automatic, q, pooled, in.top_k, in.block_size), in.cuda) << in.name;
+    EXPECT_EQ(runs_on_cuda(automatic, q, pooled, in.top_k, in.block_size), in.select_cuda) << in.name;
+    EXPECT_EQ(runs_on_cuda(automatic, q, k, 0, in.block_size), in.attend_cuda) << in.name;
     const at::Tensor ids = select_blocks(q, pooled, opt);
     const AttentionResult got = sparse_attention(q, k, v, ids, opt);
     opt.backend = Backend::kReference;
     const at::Tensor ref_ids = select_blocks(q, pooled, opt);
     const AttentionResult want = sparse_attention(q, k, v, ids, opt);
-    if (!in.cuda) {
-      EXPECT_TRUE(at::equal(ids, ref_ids)) << in.name;
-      EXPECT_TRUE(at::equal(got.out, want.out)) << in.name;
-    } else {
+    if (in.select_cuda) {
       EXPECT_GT(ids.eq(ref_ids).to(at::kFloat).mean().item<double>(), 0.99) << in.name;
+    } else {
+      EXPECT_TRUE(at::equal(ids, ref_ids)) << in.name;
+    }
+    if (in.attend_cuda) {
       EXPECT_LT(max_abs_error(got.out, want.out), 0.05) << in.name;
+    } else {
+      EXPECT_TRUE(at::equal(got.out, want.out)) << in.name;
     }
     const AttentionStats st = attention_stats(q, k, ids, in.block_size);
     EXPECT_GT(st.sparsity, 0.0) << in.name;
