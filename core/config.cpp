@@ -93,6 +93,9 @@ void MonitoringConfig::visit(FieldVisitor& v) {
   v.integer("port", port, 0, 65535, "base port; rank r serves on port + local rank");
   v.boolean("jsonl", jsonl, "write <run>/metrics.jsonl");
   v.integer("progress_every", progress_every, 0, kNoMax, "console line every N steps; 0: none");
+  v.integer("profile_start", profile_start, 1, kNoMax, "first step profiled when profile_steps > 0");
+  v.integer("profile_steps", profile_steps, 0, kNoMax,
+            "steps profiled (CPU operators and GPU kernels): <run>/profile-rank<R>.json and .txt; 0: none");
 }
 
 void EvalConfig::visit(FieldVisitor& v) {

@@ -123,6 +123,8 @@ struct MonitoringConfig {
   int64_t port = 9400;
   bool jsonl = true;
   int64_t progress_every = 10;
+  int64_t profile_start = 3;  // first profiled step (1-based)
+  int64_t profile_steps = 0;  // 0: no profile
   void visit(FieldVisitor& v);
 };
 

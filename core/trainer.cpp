@@ -21,6 +21,7 @@
 #include "core/run_state.h"
 #include "core/runtime.h"
 #include "core/schedule.h"
+#include "core/step_profiler.h"
 #include "core/tensor_file.h"
 #include "data/token_reader.h"
 #include "monitoring/console_progress.h"
@@ -97,6 +98,7 @@ class Trainer {
   std::unique_ptr<monitoring::MetricsExporter> exporter_;
   std::unique_ptr<monitoring::JsonlLog> log_;
   std::unique_ptr<monitoring::ConsoleProgress> progress_;
+  std::unique_ptr<StepProfiler> profiler_;
   RunState state_;
   std::set<int64_t> inject_nonfinite_ = steps_from_env(kInjectNonfiniteStepsEnv);
   AttentionMode mode_ = AttentionMode::kSsa;
@@ -323,7 +325,10 @@ TrainOutcome Trainer::run() {
   std::map<std::string, double> comm_before = grid_.comm_seconds();
   auto run_start = Clock::now();
   const int64_t first_step = state_.step;
+  profiler_ = std::make_unique<StepProfiler>(config_.monitoring.profile_start, config_.monitoring.profile_steps,
+                                             run_dir_, grid_.rank(), runtime_.device.is_cuda(), leader_);
   while (state_.step < total) {
+    profiler_->before_step(state_.step + 1);
     auto t0 = Clock::now();
     data::Batch batch = reader_->next();
     StepLosses losses = train_step(batch);
@@ -356,6 +361,7 @@ TrainOutcome Trainer::run() {
     state_.tokens_seen += tokens_per_step;
     runtime_.synchronize();
     const double step_seconds = seconds_since(t0);
+    profiler_->after_step(state_.step);
 
     monitoring::StepRecord record;
     record.step = state_.step;

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <fstream>
 #include <thread>
 
 #include "cli_support.h"
@@ -121,8 +122,16 @@ TEST_F(TrainCli, IncompatibleResumeIsRefusedAndNothingIsLost) {
   EXPECT_NE(r.output.find("model.hidden"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("cannot change on resume"), std::string::npos) << r.output;
   EXPECT_EQ(fs::read_symlink(run / "checkpoints/latest"), before);
-  // Extending the run (more steps) is allowed.
-  EXPECT_EQ(run_ssa(tiny_args(data_, run, 4)).exit_code, 0);
+  // Extending the run (more steps) is allowed; its step 3 is profiled.
+  r = run_ssa(tiny_args(data_, run, 4) + " --set monitoring.profile_start=3 --set monitoring.profile_steps=1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("profile of 1 step(s) from step 3 on rank 0"), std::string::npos) << r.output;
+  std::ifstream trace(run / "profile-rank0.json");
+  ASSERT_TRUE(trace.good());
+  const auto json = nlohmann::json::parse(trace, nullptr, /*allow_exceptions=*/false);
+  ASSERT_FALSE(json.is_discarded());
+  EXPECT_GT(json.at("traceEvents").size(), 10u);  // the step's operators
+  EXPECT_TRUE(fs::exists(run / "profile-rank0.txt"));
 }
 
 TEST_F(TrainCli, NonFiniteStepsAreSkippedAndTooManyStopTheRun) {
