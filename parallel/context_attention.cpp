@@ -60,11 +60,11 @@ int64_t select_global_blocks(RingSetup& setup, const at::Tensor& q, const at::Te
       at::stack({kernels::pool_keys(kd.narrow(1, 0, c), bs), kernels::pool_keys(kd.narrow(1, c, c), bs)}).contiguous();
   setup.comm->ensure_device(q.device());
   const at::Tensor gathered = setup.comm->all_gather(pooled_local);  // [2cp, B, nbc, Hkv, D], entry owner*2 + slot
-  std::vector<int64_t> order;
-  for (int64_t g = 0; g < z.chunks(); ++g) order.push_back(z.owner(g) * 2 + z.slot(g));
-  const at::Tensor index = at::tensor(order, at::TensorOptions().dtype(at::kLong)).to(q.device());
-  // [2cp, B, nbc, Hkv, D] in global chunk order -> [B, 2cp * nbc, Hkv, D]
-  const at::Tensor by_chunk = gathered.index_select(0, index);
+  // [2cp, B, nbc, Hkv, D] in global chunk order -> [B, 2cp * nbc, Hkv, D]. Slices
+  // rather than an index tensor: a host-built index would be a synchronising copy.
+  std::vector<at::Tensor> in_order;
+  for (int64_t g = 0; g < z.chunks(); ++g) in_order.push_back(gathered[z.owner(g) * 2 + z.slot(g)]);
+  const at::Tensor by_chunk = at::stack(in_order);
   const at::Tensor pooled = by_chunk.permute({1, 0, 2, 3, 4}).reshape(
       {by_chunk.size(1), z.chunks() * nbc, by_chunk.size(3), by_chunk.size(4)});
   std::vector<at::Tensor> chunk_of_block;

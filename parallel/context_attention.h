@@ -12,11 +12,11 @@
 //   the fp32 dK/dV accumulators travel with them back to their owners.
 // - Sparse stream: block-mean keys are all-gathered over cp (small), every rank
 //   selects its top-k over the *global* blocks (kernels::select_blocks with the
-//   chunk's q_start), and only the selected blocks of each visiting chunk are
-//   computed (kernels::sparse_attention with the chunk's k_start). Sparse stream
-//   alone: a visiting chunk from which a query chunk selected nothing is skipped
-//   (found with one small device-to-host copy per call; with both streams the
-//   host does not wait for it).
+//   chunk's q_start). The K/V chunks passing on the ring are assembled into the
+//   whole sequence's K/V (small: Hkv heads), and each local q chunk runs one
+//   kernels::sparse_attention over it (no merge). Backward: one
+//   kernels::sparse_attention_backward per q chunk; its dK/dV rows join each
+//   chunk's gradients on the ring back to their owners.
 // - Both streams share one rotation of K/V.
 // - Sparse stream alone (attention.mode = sparse, sparse inference): instead of
 //   the ring, each rank may fetch only the K/V blocks its queries selected from

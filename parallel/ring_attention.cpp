@@ -47,14 +47,6 @@ std::vector<WorkItem> ring_work(const RingSetup& setup, int64_t src) {
       items.push_back({false, c, c, 0, 2 * c, 2 * c, 0, 1, false});  // my late chunk sees both; my early none
     }
   }
-  if (setup.request.sparse && setup.transport == SparseTransport::kRing) {
-    for (int64_t a = 0; a < 2; ++a) {
-      for (int64_t b = 0; b < 2; ++b) {
-        const int64_t g = z.global_chunk(src, b);
-        if (setup.chunk_needed(a, g)) items.push_back({true, a * c, c, b * c, c, z.position(a), g * c, a, false});
-      }
-    }
-  }
   return items;
 }
 
@@ -102,6 +94,13 @@ ContextOutputs context_forward(const RingSetup& setup, const at::Tensor& q, cons
   } else {
     const int left = static_cast<int>((z.rank - 1 + z.cp) % z.cp), right = static_cast<int>((z.rank + 1) % z.cp);
     at::Tensor cur_k = k.contiguous(), cur_v = v.contiguous();
+    // The sparse stream reads the whole sequence's K/V, assembled from the chunks
+    // as they pass (small: Hkv heads), in one call per local q chunk afterwards.
+    const bool gather = setup.request.sparse;
+    if (gather) {
+      out.k_all = at::empty({b, z.chunks() * z.chunk, k.size(2), d}, k.options());
+      out.v_all = at::empty_like(out.k_all);
+    }
     for (int64_t step = 0; step < z.cp; ++step) {
       const int64_t src = (z.rank - step + z.cp) % z.cp;
       // Post the next chunk's transfer before computing on the current one.
@@ -115,10 +114,16 @@ ContextOutputs context_forward(const RingSetup& setup, const at::Tensor& q, cons
                                       P2POp::recv(next_k, left, kTagKv), P2POp::recv(next_v, left, kTagKv)},
                                      "ring_kv");
       }
-      for (const WorkItem& w : ring_work(setup, src)) {
-        auto part = attend_item(setup, w, q.narrow(1, w.q_row, w.q_len), cur_k.narrow(1, w.kv_row, w.kv_len),
-                                cur_v.narrow(1, w.kv_row, w.kv_len));
-        (w.sparse ? *sparse : *full).add(w.q_row, part);
+      if (gather) {
+        for (int64_t slot = 0; slot < 2; ++slot) {
+          const int64_t g = z.global_chunk(src, slot);
+          out.k_all.narrow(1, g * z.chunk, z.chunk).copy_(cur_k.narrow(1, slot * z.chunk, z.chunk));
+          out.v_all.narrow(1, g * z.chunk, z.chunk).copy_(cur_v.narrow(1, slot * z.chunk, z.chunk));
+        }
+      }
+      for (const WorkItem& w : ring_work(setup, src)) {  // full-stream items only
+        full->add(w.q_row, attend_item(setup, w, q.narrow(1, w.q_row, w.q_len), cur_k.narrow(1, w.kv_row, w.kv_len),
+                                       cur_v.narrow(1, w.kv_row, w.kv_len)));
       }
       next.wait();
       if (next_k.defined()) {
@@ -126,12 +131,24 @@ ContextOutputs context_forward(const RingSetup& setup, const at::Tensor& q, cons
         cur_v = next_v;
       }
     }
+    if (gather) {
+      std::array<kernels::AttentionResult, 2> parts;
+      for (int64_t a = 0; a < 2; ++a) {
+        const int64_t keys = (z.global_chunk(a) + 1) * z.chunk;  // causal: chunks up to my own
+        parts[static_cast<size_t>(a)] = kernels::sparse_attention(
+            q.narrow(1, a * z.chunk, z.chunk), out.k_all.narrow(1, 0, keys), out.v_all.narrow(1, 0, keys),
+            setup.block_ids[static_cast<size_t>(a)], setup.options, z.position(a), 0);
+      }
+      out.out_sparse = at::cat({parts[0].out, parts[1].out}, 1).to(q.scalar_type());
+      out.lse_sparse = at::cat({parts[0].lse, parts[1].lse}, 2).to(acc.dtype());
+      sparse.reset();
+    }
   }
   if (full) {
     out.out_full = full->out().to(q.scalar_type());
     out.lse_full = full->lse();
   }
-  if (sparse) {
+  if (sparse) {  // selected-block transport
     out.out_sparse = sparse->out().to(q.scalar_type());
     out.lse_sparse = sparse->lse();
   }
@@ -193,6 +210,25 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     // Every rank runs every transfer, with or without work or gradients.
     const int left = static_cast<int>((z.rank - 1 + z.cp) % z.cp), right = static_cast<int>((z.rank + 1) % z.cp);
     at::Tensor cur_k = k.contiguous(), cur_v = v.contiguous();
+    // Sparse stream: its gradients against the whole sequence's K/V (kept from the
+    // forward) at once; the rows of each visiting chunk join that chunk's dK/dV
+    // on their way to the owner.
+    at::Tensor dk_all, dv_all;  // [B, S, Hkv, D] acc dtype
+    if (setup.request.sparse && g_sparse.defined()) {
+      dk_all = at::zeros(outputs.k_all.sizes(), acc);
+      dv_all = at::zeros(outputs.v_all.sizes(), acc);
+      for (int64_t a = 0; a < 2; ++a) {
+        const int64_t rows = a * z.chunk, keys = (z.global_chunk(a) + 1) * z.chunk;
+        const kernels::AttentionGrads sg = kernels::sparse_attention_backward(
+            g_sparse.narrow(1, rows, z.chunk), q.narrow(1, rows, z.chunk), outputs.k_all.narrow(1, 0, keys),
+            outputs.v_all.narrow(1, 0, keys), outputs.out_sparse.narrow(1, rows, z.chunk),
+            outputs.lse_sparse.narrow(2, rows, z.chunk), setup.block_ids[static_cast<size_t>(a)], setup.options,
+            z.position(a), 0);
+        dq.narrow(1, rows, z.chunk).add_(sg.dq);
+        dk_all.narrow(1, 0, keys).add_(sg.dk);
+        dv_all.narrow(1, 0, keys).add_(sg.dv);
+      }
+    }
     P2PBatch dkv_batch;
     at::Tensor in_dk, in_dv;
     for (int64_t step = 0; step < z.cp; ++step) {
@@ -206,7 +242,15 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
                                       P2POp::recv(next_k, left, kTagKv), P2POp::recv(next_v, left, kTagKv)},
                                      "ring_kv");
       }
-      at::Tensor acc_dk = at::zeros(cur_k.sizes(), acc), acc_dv = at::zeros(cur_v.sizes(), acc);
+      at::Tensor acc_dk, acc_dv;
+      if (dk_all.defined()) {  // start from the sparse stream's share of src's chunks
+        const int64_t g0 = z.global_chunk(src, 0), g1 = z.global_chunk(src, 1), c = z.chunk;
+        acc_dk = at::cat({dk_all.narrow(1, g0 * c, c), dk_all.narrow(1, g1 * c, c)}, 1);
+        acc_dv = at::cat({dv_all.narrow(1, g0 * c, c), dv_all.narrow(1, g1 * c, c)}, 1);
+      } else {
+        acc_dk = at::zeros(cur_k.sizes(), acc);
+        acc_dv = at::zeros(cur_v.sizes(), acc);
+      }
       for (const WorkItem& w : ring_work(setup, src)) accumulate(w, cur_k, cur_v, acc_dk, acc_dv);
       if (step > 0) {  // what the ranks before me added for this chunk
         dkv_batch.wait();
@@ -243,7 +287,8 @@ class ContextAttentionFunction : public torch::autograd::Function<ContextAttenti
     ContextOutputs o = context_forward(*setup, q, k, v);
     *ring_bytes = o.ring_bytes;
     *selected_bytes = o.selected_bytes;
-    ctx->save_for_backward({q, k, v, o.out_full, o.lse_full, o.out_sparse, o.lse_sparse, o.compact_k, o.compact_v});
+    ctx->save_for_backward(
+        {q, k, v, o.out_full, o.lse_full, o.out_sparse, o.lse_sparse, o.compact_k, o.compact_v, o.k_all, o.v_all});
     ctx->saved_data["setup"] = c10::IValue::make_capsule(std::move(setup));
     variable_list outs;
     if (o.out_full.defined()) outs.push_back(o.out_full);
@@ -264,6 +309,8 @@ class ContextAttentionFunction : public torch::autograd::Function<ContextAttenti
     o.lse_sparse = saved[6];
     o.compact_k = saved[7];
     o.compact_v = saved[8];
+    o.k_all = saved[9];
+    o.v_all = saved[10];
     ContextGrads g = context_backward(*setup, saved[0], saved[1], saved[2], o, g_full, g_sparse);
     return {g.dq, g.dk, g.dv, at::Tensor(), at::Tensor(), at::Tensor()};
   }

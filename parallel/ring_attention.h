@@ -48,7 +48,8 @@ struct WorkItem {
   bool compact = false;          // reads the compact selected-block buffer
 };
 
-// The calls for the K/V of cp rank `src` (both its chunks, rows [0, 2c)).
+// The full stream's calls for the K/V of cp rank `src` (both its chunks, rows
+// [0, 2c)). The sparse stream on the ring runs once over the assembled K/V.
 std::vector<WorkItem> ring_work(const RingSetup& setup, int64_t src);
 // kSelectedBlocks: calls on my own K/V and on the compact buffer (compact_rows rows).
 std::vector<WorkItem> selected_work(const RingSetup& setup, int64_t compact_rows);
@@ -57,6 +58,7 @@ struct ContextOutputs {
   at::Tensor out_full, lse_full;      // [B, 2c, Hq, D] dtype of q; [B, Hq, 2c] fp32
   at::Tensor out_sparse, lse_sparse;
   at::Tensor compact_k, compact_v;    // kSelectedBlocks: the fetched blocks
+  at::Tensor k_all, v_all;            // kRing with the sparse stream: [B, S, Hkv, D], the whole sequence's K/V
   int64_t ring_bytes = 0;             // K/V bytes this rank sent around the ring
   int64_t selected_bytes = 0;         // K/V bytes this rank sent to requesters
 };
