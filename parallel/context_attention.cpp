@@ -73,20 +73,9 @@ int64_t select_global_blocks(RingSetup& setup, const at::Tensor& q, const at::Te
     at::Tensor ids = kernels::select_blocks(q.detach().narrow(1, a * c, c), pooled.narrow(1, 0, (g + 1) * nbc),
                                             setup.options, z.position(a));
     setup.block_ids[static_cast<size_t>(a)] = ids;
-    if (setup.request.full) continue;
     // Chunk of every selected block, -1 slots to an extra bin.
     const at::Tensor ids64 = ids.to(at::kLong);
     chunk_of_block.push_back(at::where(ids64 >= 0, ids64.div(nbc, "floor"), at::full_like(ids64, z.chunks())).reshape({-1}));
-  }
-  if (setup.request.full) {
-    // With the full stream the K/V travel the ring anyway: every chunk a query
-    // chunk may see counts as needed (a chunk nobody selected costs one kernel
-    // call that finds no ids in range), and the host never waits on the GPU.
-    setup.needed.assign(static_cast<size_t>(2 * z.chunks()), 0);
-    for (int64_t a = 0; a < 2; ++a) {
-      for (int64_t g = 0; g <= z.global_chunk(a); ++g) setup.needed[static_cast<size_t>(a * z.chunks() + g)] = 1;
-    }
-    return pooled_local.numel() * pooled_local.element_size() * (z.cp - 1);
   }
   // needed [2, 2cp]: one small copy to the host per layer.
   std::vector<at::Tensor> counts;
@@ -179,11 +168,13 @@ AttentionStreams attention_streams(const at::Tensor& q, const at::Tensor& k, con
   cp_group->ensure_device(q.device());  // NCCL set up by every cp rank before any transfer
   int64_t sparse_extra = 0;
   if (request.sparse) {
-    sparse_extra += select_global_blocks(*setup, q, k);
-    result.block_ids = at::cat({setup->block_ids[0], setup->block_ids[1]}, 1);
     if (request.full) {
-      setup->transport = SparseTransport::kRing;  // rides along with the full stream's rotation
+      // Rides along with the full stream's rotation, which also brings every
+      // chunk's keys: selection happens there, from the assembled K/V.
+      setup->transport = SparseTransport::kRing;
+      setup->select_on_ring = true;
     } else {
+      sparse_extra += select_global_blocks(*setup, q, k);
       const bool with_backward =
           at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
       sparse_extra += choose_sparse_transport(*setup, k, context.sparse_transport, with_backward);
@@ -191,6 +182,7 @@ AttentionStreams attention_streams(const at::Tensor& q, const at::Tensor& k, con
   }
   int64_t ring_bytes = 0, selected_bytes = 0;
   auto outs = context_attention_autograd(setup, q, k, v, &ring_bytes, &selected_bytes);
+  if (request.sparse) result.block_ids = at::cat({setup->block_ids[0], setup->block_ids[1]}, 1);
   result.full = outs[0];
   result.sparse = outs[1];
   result.sparse_transport = request.sparse ? setup->transport : SparseTransport::kNone;

@@ -10,16 +10,17 @@
 //   chunk's send/recv is posted before the current chunk is computed. Partial
 //   results are merged in fp32 by log-sum-exp. Backward rotates K/V again and
 //   the fp32 dK/dV accumulators travel with them back to their owners.
-// - Sparse stream: block-mean keys are all-gathered over cp (small), every rank
-//   selects its top-k over the *global* blocks (kernels::select_blocks with the
-//   chunk's q_start). The K/V chunks passing on the ring are assembled into the
-//   whole sequence's K/V (small: Hkv heads), and each local q chunk runs one
-//   kernels::sparse_attention over it (no merge). Backward: one
+// - Sparse stream with the full stream (SSA): the K/V chunks passing on the ring
+//   are assembled into the whole sequence's K/V (small: Hkv heads); each local q
+//   chunk selects its top-k over the *global* blocks of it (kernels::select_blocks
+//   with the chunk's q_start) and runs one kernels::sparse_attention over it (no
+//   merge, no traffic of its own). Backward: one
 //   kernels::sparse_attention_backward per q chunk; its dK/dV rows join each
 //   chunk's gradients on the ring back to their owners.
 // - Both streams share one rotation of K/V.
-// - Sparse stream alone (attention.mode = sparse, sparse inference): instead of
-//   the ring, each rank may fetch only the K/V blocks its queries selected from
+// - Sparse stream alone (attention.mode = sparse, sparse inference): block means
+//   are all-gathered over cp (small) for the selection; on the ring a visiting
+//   chunk nobody selected from is skipped. Instead of the ring, each rank may fetch only the K/V blocks its queries selected from
 //   their owners. Every rank knows every rank's selection (a gathered bitmask),
 //   so all choose the same transport: the one that moves fewer bytes.
 #include <ATen/ATen.h>
@@ -50,7 +51,8 @@ struct AttentionStreams {
   at::Tensor block_ids;  // [B, S_local, Hkv, top_k] int32 global block ids (sparse stream; eval statistics)
   // Bytes this rank sends over the cp group in the forward pass, per stream. When
   // both streams run, the shared K/V rotation is counted under full and sparse
-  // counts its own extra traffic (the pooled keys). Backward moves the K/V ring
+  // counts its own extra traffic (the pooled keys when it runs alone; none with
+  // the full stream). Backward moves the K/V ring
   // again plus fp32 dK/dV (or the fp32 gradients of the selected blocks); those
   // bytes appear in the cp communicator's counters ("cp_ring_kv", "cp_ring_dkv",
   // "cp_selected_kv", "cp_selected_dkv", "cp_all_gather").

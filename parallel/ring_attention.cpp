@@ -72,7 +72,7 @@ std::vector<WorkItem> selected_work(const RingSetup& setup, int64_t compact_rows
   return items;
 }
 
-ContextOutputs context_forward(const RingSetup& setup, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   const ZigzagLayout& z = setup.layout;
   const int64_t b = q.size(0), rows = q.size(1), hq = q.size(2), d = q.size(3);
   const auto acc = q.options().dtype(accumulation_type(q.scalar_type()));
@@ -132,6 +132,16 @@ ContextOutputs context_forward(const RingSetup& setup, const at::Tensor& q, cons
       }
     }
     if (gather) {
+      if (setup.select_on_ring) {
+        at::NoGradGuard no_grad;  // the router has no gradient
+        const int64_t bs = setup.options.block_size, nbc = z.chunk / bs;
+        const at::Tensor pooled = kernels::pool_keys(out.k_all, bs);  // [B, S / bs, Hkv, D]
+        for (int64_t a = 0; a < 2; ++a) {
+          setup.block_ids[static_cast<size_t>(a)] =
+              kernels::select_blocks(q.detach().narrow(1, a * z.chunk, z.chunk),
+                                     pooled.narrow(1, 0, (z.global_chunk(a) + 1) * nbc), setup.options, z.position(a));
+        }
+      }
       std::array<kernels::AttentionResult, 2> parts;
       for (int64_t a = 0; a < 2; ++a) {
         const int64_t keys = (z.global_chunk(a) + 1) * z.chunk;  // causal: chunks up to my own

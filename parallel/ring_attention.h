@@ -26,9 +26,12 @@ struct RingSetup : torch::CustomClassHolder {
   kernels::SparseOptions options;
   StreamRequest request;
   SparseTransport transport = SparseTransport::kNone;
+  // kRing with the full stream: block_ids are chosen inside the forward from the
+  // K/V assembled on the ring (no pooled-key all-gather); else before it.
+  bool select_on_ring = false;
   std::array<at::Tensor, 2> block_ids;  // [B, c, Hkv, K] int32 per local q chunk (sparse stream)
   // needed[a * 2cp + g]: local q chunk a selected some block of global chunk g
-  // (with the full stream too: g is causal for chunk a; see select_global_blocks).
+  // (sparse stream alone: it plans the selected-block transport).
   std::vector<uint8_t> needed;
   std::optional<SelectedPlan> plan;             // kSelectedBlocks
   std::array<at::Tensor, 2> compact_block_ids;  // kSelectedBlocks: ids into the compact K/V
@@ -63,7 +66,8 @@ struct ContextOutputs {
   int64_t selected_bytes = 0;         // K/V bytes this rank sent to requesters
 };
 
-ContextOutputs context_forward(const RingSetup& setup, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+// Fills setup.block_ids when setup.select_on_ring.
+ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 
 struct ContextGrads {
   at::Tensor dq, dk, dv;  // dtypes of q, k, v
