@@ -215,9 +215,11 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     }
     return_selected_grads(*setup.comm, *setup.plan, dkc, dvc, dk, dv);
   } else {
-    // The K/V rotate as in forward; the fp32 dK/dV of the chunk being visited
-    // travel one hop behind them, so each owner gets its sum after cp hops.
-    // Every rank runs every transfer, with or without work or gradients.
+    // The fp32 dK/dV of the chunk being visited travel one hop behind the K/V, so
+    // each owner gets its sum after cp hops. The K/V rotate as in forward, unless
+    // the forward kept the whole sequence's K/V (sparse stream): then each src's
+    // chunks are read from there and only the gradients travel. Every rank runs
+    // every transfer, with or without work or gradients.
     const int left = static_cast<int>((z.rank - 1 + z.cp) % z.cp), right = static_cast<int>((z.rank + 1) % z.cp);
     at::Tensor cur_k = k.contiguous(), cur_v = v.contiguous();
     // Sparse stream: its gradients against the whole sequence's K/V (kept from the
@@ -245,7 +247,14 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
       const int64_t src = (z.rank - step + z.cp) % z.cp;
       P2PBatch next;
       at::Tensor next_k, next_v;
-      if (step + 1 < z.cp) {
+      const bool kept = outputs.k_all.defined();
+      if (kept) {
+        const int64_t g0 = z.global_chunk(src, 0), g1 = z.global_chunk(src, 1), c = z.chunk;
+        cur_k = step == 0 ? k.contiguous()
+                          : at::cat({outputs.k_all.narrow(1, g0 * c, c), outputs.k_all.narrow(1, g1 * c, c)}, 1);
+        cur_v = step == 0 ? v.contiguous()
+                          : at::cat({outputs.v_all.narrow(1, g0 * c, c), outputs.v_all.narrow(1, g1 * c, c)}, 1);
+      } else if (step + 1 < z.cp) {
         next_k = at::empty_like(cur_k);
         next_v = at::empty_like(cur_v);
         next = setup.comm->start_p2p({P2POp::send(cur_k, right, kTagKv), P2POp::send(cur_v, right, kTagKv),
