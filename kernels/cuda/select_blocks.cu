@@ -10,7 +10,9 @@
 // The mma computes S^T: M = 16 pooled blocks (from shared memory, shared by every
 // token of the warp), N = 8 heads of the token's group (Q^T fragments held in
 // registers), so a block's sum over heads is a thread-local sum plus one quad
-// reduction. The causal mask is applied only on the steps that cross a token's
+// reduction. Groups of at most 8 heads pack two tokens into a 16-column unit
+// (one per n-tile of 8 columns), so no mma column or exp is spent on padding
+// heads of a small group (Llama-style 4 or 8 heads per kv head). The causal mask is applied only on the steps that cross a token's
 // own block.
 // Pooled keys come as bf16 hi + lo parts; the ranking pass uses both (near fp32
 // logits, so ties and near-ties fall as in the fp32 reference), the normaliser
@@ -33,10 +35,14 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr int kWarps = 8;
 constexpr int kChunk = 64;  // pooled blocks per shared-memory chunk
 
-template <int kD, int kMT>
+// kMT: 16-head tiles per token (group > 16: 2); kPack: tokens per 16-column unit
+// (group <= 8: 2, one per n-tile; else 1).
+template <int kD, int kMT, int kPack>
 struct SelectConfig {
-  static constexpr int kUnits = kD == 128 && kMT == 1 ? 1 : 2;  // 16-head tiles per warp
-  static constexpr int kTokens = kUnits / kMT;                  // tokens per warp per round
+  static constexpr int kUnits = kD == 128 && kMT == 1 ? 1 : 2;  // 16-column tiles per warp
+  static constexpr int kTokens = kUnits * kPack / kMT;          // tokens per warp per round
+  // Token slot of unit u's n-tile nt.
+  static __device__ __forceinline__ int token_of(int u, int nt) { return kPack == 2 ? u * 2 + nt : u / kMT; }
   static constexpr int kChunkBytes = kChunk * kD * 2;
   // Two buffers of (hi, lo) chunks, then the per-warp column sums of a chunk.
   static constexpr int kSmem = 2 * 2 * kChunkBytes + kWarps * kChunk * 4;
@@ -133,17 +139,16 @@ __device__ void stream_chunks(int n_chunks, int n_rows, bool with_lo, const __nv
   }
 }
 
-// B fragments of Q^T for one unit of 16 heads (head r at rows + r * kD; heads >=
-// rows_valid are zero): [n-tile of 8 heads][k-step][b0, b1].
+// B fragments of Q^T for one unit of 16 columns, n-tile nt holding heads
+// rows[nt] + c * kD for c < valid[nt] (zero above): [n-tile][k-step][b0, b1].
 template <int kD>
-__device__ __forceinline__ void load_q_as_b(uint32_t (&f)[2][kD / 16][2], const __nv_bfloat16* rows, int rows_valid,
-                                            int lane) {
+__device__ __forceinline__ void load_q_as_b(uint32_t (&f)[2][kD / 16][2], const __nv_bfloat16* const (&rows)[2],
+                                            const int (&valid)[2], int lane) {
   const int group = lane >> 2, tig = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt) {
-    const int head = nt * 8 + group;
-    const bool ok = head < rows_valid;
-    const uint32_t* r = reinterpret_cast<const uint32_t*>(rows + head * kD + tig * 2);
+    const bool ok = group < valid[nt];
+    const uint32_t* r = reinterpret_cast<const uint32_t*>(rows[nt] + group * kD + tig * 2);
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
       f[nt][ks][0] = ok ? __ldg(r + ks * 8) : 0u;
@@ -181,9 +186,9 @@ __device__ __forceinline__ void block_logits(float (&acc)[kUnits][2][4], const u
   }
 }
 
-template <int kD, int kMT>
-__global__ void __launch_bounds__(kWarps * 32) select_kernel(const SelectParams p) {
-  using C = SelectConfig<kD, kMT>;
+template <int kD, int kMT, int kPack>
+__global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) select_kernel(const SelectParams p) {
+  using C = SelectConfig<kD, kMT, kPack>;
   constexpr int kUnits = C::kUnits, kTokens = C::kTokens;
   extern __shared__ __align__(128) unsigned char smem[];
   float* colsum = reinterpret_cast<float*>(smem + 4 * C::kChunkBytes);  // [kWarps][kChunk]
@@ -226,12 +231,22 @@ __global__ void __launch_bounds__(kWarps * 32) select_kernel(const SelectParams 
       const bool valid = token[i] < t_end;
       n_causal[i] = valid ? static_cast<int>((s.q_start + token[i]) / bs) + 1 : 0;
       if (valid) causal_min = min(causal_min, n_causal[i]);
+    }
 #pragma unroll
-      for (int ms = 0; ms < kMT; ++ms) {
+    for (int u = 0; u < kUnits; ++u) {
+      const __nv_bfloat16* rows[2];
+      int valid_heads[2];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int i = C::token_of(u, nt);
+        const bool valid = token[i] < t_end;
+        const int first = kPack == 2 ? 0 : (u % kMT) * 16 + nt * 8;  // first head of the n-tile
         const int64_t row0 =
-            (static_cast<int64_t>(b) * s.sq + (valid ? token[i] : 0)) * s.hq + kvh * group_size + ms * 16;
-        load_q_as_b<kD>(qb[i * kMT + ms], p.q + row0 * kD, valid ? min(16, group_size - ms * 16) : 0, lane);
+            (static_cast<int64_t>(b) * s.sq + (valid ? token[i] : 0)) * s.hq + kvh * group_size + first;
+        rows[nt] = p.q + row0 * kD;
+        valid_heads[nt] = valid ? max(0, min(8, group_size - first)) : 0;
       }
+      load_q_as_b<kD>(qb[u], rows, valid_heads, lane);
     }
 
     // Pass 1: per head (this thread's 4 heads per unit) the running max m (raw
@@ -250,9 +265,9 @@ __global__ void __launch_bounds__(kWarps * 32) select_kernel(const SelectParams 
         const bool full = j0 + 16 <= causal_min;
 #pragma unroll
         for (int u = 0; u < kUnits; ++u) {
-          const int nc = n_causal[u / kMT];
 #pragma unroll
           for (int h = 0; h < 4; ++h) {
+            const int nc = n_causal[C::token_of(u, h >> 1)];
             float x0 = acc[u][h >> 1][h & 1], x1 = acc[u][h >> 1][2 + (h & 1)];
             if (!full) {
               x0 = j0 + group < nc ? x0 : -INFINITY;
@@ -287,8 +302,8 @@ __global__ void __launch_bounds__(kWarps * 32) select_kernel(const SelectParams 
           mu = mn;
           lu = a + c2;
         }
-        const int head = (u % kMT) * 16 + (h >> 1) * 8 + tig * 2 + (h & 1);
-        const bool ok = head < group_size && n_causal[u / kMT] > 0 && lu > 0.f;
+        const int head = kPack == 2 ? tig * 2 + (h & 1) : (u % kMT) * 16 + (h >> 1) * 8 + tig * 2 + (h & 1);
+        const bool ok = head < group_size && n_causal[C::token_of(u, h >> 1)] > 0 && lu > 0.f;
         bias[u][h] = ok ? mu * scale + log2f(lu) : INFINITY;
       }
 
@@ -310,13 +325,22 @@ __global__ void __launch_bounds__(kWarps * 32) select_kernel(const SelectParams 
 #pragma unroll
         for (int i = 0; i < kTokens; ++i) {
           float v[2] = {0.f, 0.f};
+          if (kPack == 2) {  // token i: n-tile i % 2 of unit i / 2
+            const int u = i / 2, nt = i % 2;
 #pragma unroll
-          for (int ms = 0; ms < kMT; ++ms) {
-            const int u = i * kMT + ms;
+            for (int h = nt * 2; h < nt * 2 + 2; ++h) {
+              v[0] += exp2f(fmaf(acc[u][nt][h & 1], scale, -bias[u][h]));
+              v[1] += exp2f(fmaf(acc[u][nt][2 + (h & 1)], scale, -bias[u][h]));
+            }
+          } else {
 #pragma unroll
-            for (int h = 0; h < 4; ++h) {
-              v[0] += exp2f(fmaf(acc[u][h >> 1][h & 1], scale, -bias[u][h]));
-              v[1] += exp2f(fmaf(acc[u][h >> 1][2 + (h & 1)], scale, -bias[u][h]));
+            for (int ms = 0; ms < kMT; ++ms) {
+              const int u = i * kMT + ms;
+#pragma unroll
+              for (int h = 0; h < 4; ++h) {
+                v[0] += exp2f(fmaf(acc[u][h >> 1][h & 1], scale, -bias[u][h]));
+                v[1] += exp2f(fmaf(acc[u][h >> 1][2 + (h & 1)], scale, -bias[u][h]));
+              }
             }
           }
 #pragma unroll
@@ -407,16 +431,17 @@ __global__ void __launch_bounds__(kWarps * 32) select_kernel(const SelectParams 
   }
 }
 
-template <int kD, int kMT>
+template <int kD, int kMT, int kPack>
 cudaError_t launch(const SelectParams& p, cudaStream_t stream) {
-  using C = SelectConfig<kD, kMT>;
+  using C = SelectConfig<kD, kMT, kPack>;
   const Shape& s = p.shape;
   const int tile_tokens = p.per_query_block ? s.block_size : kWarps * C::kTokens;
   const int64_t ctas = static_cast<int64_t>(s.batch) * s.hkv * ((s.sq + tile_tokens - 1) / tile_tokens);
   if (ctas == 0) return cudaSuccess;
-  cudaError_t err = cudaFuncSetAttribute(select_kernel<kD, kMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
+  cudaError_t err =
+      cudaFuncSetAttribute(select_kernel<kD, kMT, kPack>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
   if (err != cudaSuccess) return err;
-  select_kernel<kD, kMT><<<static_cast<unsigned>(ctas), kWarps * 32, C::kSmem, stream>>>(p);
+  select_kernel<kD, kMT, kPack><<<static_cast<unsigned>(ctas), kWarps * 32, C::kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -425,10 +450,11 @@ cudaError_t launch(const SelectParams& p, cudaStream_t stream) {
 cudaError_t launch_select(const SelectParams& p, cudaStream_t stream) {
   const int group = p.shape.group();
   if (group < 1 || group > kMaxGroup || p.shape.top_k < 1 || p.shape.top_k > kMaxTopK) return cudaErrorInvalidValue;
-  const bool two = group > 16;
+  const bool two = group > 16, packed = group <= 8;
   switch (p.shape.head_dim) {
-    case 64: return two ? launch<64, 2>(p, stream) : launch<64, 1>(p, stream);
-    case 128: return two ? launch<128, 2>(p, stream) : launch<128, 1>(p, stream);
+    case 64: return two ? launch<64, 2, 1>(p, stream) : packed ? launch<64, 1, 2>(p, stream) : launch<64, 1, 1>(p, stream);
+    case 128:
+      return two ? launch<128, 2, 1>(p, stream) : packed ? launch<128, 1, 2>(p, stream) : launch<128, 1, 1>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -99,6 +99,7 @@ TEST(CudaSelection, ValidTopKAndAgreesWithReference) {
       // name, B, Sq, Hq, Hkv, D, block, top_k, q_start, mode
       {"paper-like D64 G16 bs16 top16", 2, 2048, 32, 2, 64, 16, 16},
       {"D128 G1 bs32 top8", 1, 1500, 8, 8, 128, 32, 8},
+      {"D64 G8 bs16 top16 (two tokens per mma unit), partial tile", 2, 1000, 16, 2, 64, 16, 16},
       {"D64 G32 bs16 top64 (-1 slots)", 1, 1200, 32, 1, 64, 16, 64},
       {"D128 G20 bs16 top12", 1, 700, 40, 2, 128, 16, 12},
       {"q chunk at 1024, top 1", 1, 512, 16, 2, 64, 16, 1, 1024},
