@@ -104,8 +104,9 @@ void P2PBatch::wait() {
 #ifdef SSA_WITH_CUDA
   if (s->cuda) {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(s->device));
-    // Seconds come from the NCCL stream's events (Communicator::comm_seconds).
-    s->done->block(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(s->device)));
+    // Seconds come from the NCCL stream's events (Communicator::comm_seconds),
+    // the exposed part from when this stream starts waiting.
+    nccl_wait_exposed(*s->comm->nccl_, s->op, std::move(*s->done));
     return;
   }
 #endif

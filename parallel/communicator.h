@@ -100,7 +100,9 @@ class Communicator {
   // Seconds spent per op name (prefixed with the communicator's name). CPU ops:
   // wall time the caller spent inside the op (for overlapped transfers: posting
   // plus waiting, i.e. the time not hidden by compute). CUDA ops: time the op
-  // ran on the NCCL stream (events; reading it waits for queued transfers).
+  // ran on the NCCL stream (events; reading it waits for queued transfers), and
+  // as "<op>_exposed" the part the compute stream stood waiting for it (events
+  // on both streams); the difference was hidden behind compute.
   std::map<std::string, double> comm_seconds();
   std::map<std::string, int64_t> comm_bytes() const;
   std::map<std::string, int64_t> comm_calls() const;
@@ -117,6 +119,7 @@ class Communicator {
   struct NcclState;  // defined in communicator_nccl.cpp (SSA_WITH_CUDA)
 
  private:
+  friend class P2PBatch;  // its wait records the exposed time in nccl_
   void check_device(const at::Tensor& tensor, const char* op) const;
   void mpi_all_reduce(const at::Tensor& tensor, ReduceOp op);
   void mpi_reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op);

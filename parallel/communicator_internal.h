@@ -32,7 +32,19 @@ struct Communicator::NcclState {
     at::cuda::CUDAEvent end;
   };
   std::vector<Timing> pending;
+  // Exposed time: the compute stream reached its wait for an op at `arrive`; the
+  // op finished at `done`; done - arrive > 0 is time the compute stream stood
+  // still (the rest of the op's time was hidden behind compute).
+  struct Exposure {
+    std::string op;
+    at::cuda::CUDAEvent arrive;
+    at::cuda::CUDAEvent done;
+  };
+  std::vector<Exposure> exposures;
 };
+// Records, on the caller's current stream, that it now waits for `done` (an event
+// recorded on the NCCL stream), and makes it wait.
+void nccl_wait_exposed(Communicator::NcclState& s, const std::string& op, at::cuda::CUDAEvent done);
 #else
 struct Communicator::NcclState {};
 #endif

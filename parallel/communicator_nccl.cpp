@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "parallel/communicator_internal.h"
@@ -91,6 +92,21 @@ void Communicator::flush_nccl_timings() {
     seconds_[name_ + "_" + t.op] += static_cast<double>(t.start.elapsed_time(t.end)) / 1000.0;
   }
   nccl_->pending.clear();
+  for (auto& e : nccl_->exposures) {
+    e.done.synchronize();
+    e.arrive.synchronize();
+    const double ms = static_cast<double>(e.arrive.elapsed_time(e.done));  // done - arrive
+    seconds_[name_ + "_" + e.op + "_exposed"] += std::max(0.0, ms) / 1000.0;
+  }
+  nccl_->exposures.clear();
+}
+
+void nccl_wait_exposed(Communicator::NcclState& s, const std::string& op, at::cuda::CUDAEvent done) {
+  const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(s.device));
+  at::cuda::CUDAEvent arrive(cudaEventDefault);
+  arrive.record(compute);
+  done.block(compute);
+  s.exposures.push_back({op, std::move(arrive), std::move(done)});
 }
 
 namespace {
@@ -110,7 +126,9 @@ void run_on_side_stream(Communicator::NcclState& s, const std::vector<at::Tensor
   start.record(*s.stream);
   launch(s.comm, s.stream->stream());
   end.record(*s.stream);
-  end.block(compute);
+  at::cuda::CUDAEvent done(cudaEventDefault);
+  done.record(*s.stream);
+  nccl_wait_exposed(s, key, std::move(done));
   for (const auto& t : touched) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), *s.stream);
   s.pending.push_back({key, std::move(start), std::move(end)});
 }
@@ -196,7 +214,7 @@ P2PBatch Communicator::nccl_start_p2p(std::vector<P2POp> ops, const std::string&
   state->op = op_name;
   state->cuda = true;
   state->device = s.device;
-  state->done.emplace();
+  state->done.emplace(cudaEventDefault);  // timed: P2PBatch::wait measures the exposed part
   state->done->record(*s.stream);
   for (auto& o : ops) {
     c10::cuda::CUDACachingAllocator::recordStream(o.tensor.storage().data_ptr(), *s.stream);

@@ -140,7 +140,18 @@ class SlurmCluster : public ::testing::Test {
   static std::string preempt_and_finish(const std::string& job, const fs::path& log) {
     const Shell s = sh(fmt::format("scancel --batch --signal=USR1 {}", job), conf_);
     EXPECT_EQ(s.status, 0) << s.out;
-    EXPECT_TRUE(wait_for([&] { return job_field(job, "Restarts") == "1"; }, 120s)) << "job was not requeued";
+    // A job that ends before the signal lands is not requeued: fail at once, not
+    // after the timeouts below.
+    const bool requeued = wait_for(
+        [&] {
+          const std::string state = job_field(job, "JobState");
+          return job_field(job, "Restarts") == "1" || state == "COMPLETED" || state == "FAILED";
+        },
+        120s);
+    if (!requeued || job_field(job, "Restarts") != "1") {
+      ADD_FAILURE() << "job was not requeued (state " << job_field(job, "JobState") << "):\n" << read_file(log);
+      return job_field(job, "JobState");
+    }
     const bool restarted = wait_for(
         [&] {
           if (job_field(job, "JobState") == "PENDING") sh(fmt::format("scontrol update JobId={} StartTime=now", job), conf_);
@@ -214,12 +225,14 @@ TEST_F(SlurmCluster, TrainingIsPreemptedRequeuedAndResumed) {
   const Shell prep = sh(fmt::format("'{}' data prepare --input '{}' --output '{}' --split blank-lines --val-fraction 0.05 -q", binary,
                                     text.string(), data.string()));
   ASSERT_EQ(prep.status, 0) << prep.out;
-  const int64_t steps = 40;
+  // Long enough that the preemption (sent after 8 logged steps) lands mid-run
+  // even on a fast machine.
+  const int64_t steps = 160;
   const std::string overrides = fmt::format(
       "--set train.steps={} --set train.seq_len=64 --set train.global_batch=2 --set train.micro_batch=2 "
       "--set model.hidden=64 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2 "
       "--set model.ffn_hidden=128 --set attention.block_size=8 --set attention.top_k=2 "
-      "--set checkpoint.every=5 --set monitoring.enabled=false --set data.path='{}' --set eval.data='{}/val' "
+      "--set checkpoint.every=40 --set monitoring.enabled=false --set data.path='{}' --set eval.data='{}/val' "
       "--set eval.seq_lens=[64]",
       steps, data.string(), data.string());
   const fs::path run = dir_ / "run-train";
