@@ -78,7 +78,11 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
   const auto acc = q.options().dtype(accumulation_type(q.scalar_type()));
   std::optional<PartialSum> full, sparse;
   if (setup.request.full) full.emplace(b, rows, hq, d, acc);
-  if (setup.request.sparse) sparse.emplace(b, rows, hq, d, acc);
+  // Merged per part only with the selected-block transport (the ring's sparse
+  // stream runs once over the assembled K/V).
+  if (setup.request.sparse && setup.transport == SparseTransport::kSelectedBlocks) {
+    sparse.emplace(b, rows, hq, d, acc);
+  }
   ContextOutputs out;
   if (setup.transport == SparseTransport::kSelectedBlocks) {
     auto [kc, vc] = fetch_selected(*setup.comm, *setup.plan, k, v);
@@ -151,7 +155,6 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
       }
       out.out_sparse = at::cat({parts[0].out, parts[1].out}, 1).to(q.scalar_type());
       out.lse_sparse = at::cat({parts[0].lse, parts[1].lse}, 2).to(acc.dtype());
-      sparse.reset();
     }
   }
   if (full) {
