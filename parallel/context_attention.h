@@ -21,9 +21,9 @@
 // - Sparse stream alone (attention.mode = sparse, sparse inference): block means
 //   are all-gathered over cp (small) for the selection; on the ring a visiting
 //   chunk nobody selected from is skipped. Instead of the ring, each rank may
-//   fetch only the K/V blocks its queries selected from
-//   their owners. Every rank knows every rank's selection (a gathered bitmask),
-//   so all choose the same transport: the one that moves fewer bytes.
+//   fetch only the K/V blocks its queries selected from their owners. Every rank
+//   knows every rank's selection (a gathered bitmask), so all choose the same
+//   transport: the one that moves fewer bytes.
 #include <ATen/ATen.h>
 
 #include <cstdint>
