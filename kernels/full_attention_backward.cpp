@@ -67,7 +67,7 @@ AttentionGrads fused_backward(const at::Tensor& dout, const at::Tensor& q, const
   // out and dout in one layout ([B, S, H, D] memory), as the forward returns out.
   const at::Tensor oh = out.to(dtype).contiguous().transpose(1, 2);
   const at::Tensor doh = dout.to(dtype).contiguous().transpose(1, 2);
-  if (reference::cudnn_attention_usable(q)) {
+  if (reference::cudnn_attention_usable(q, k)) {
     const at::Tensor lse4 = lse.to(at::kFloat).contiguous().view({b, hq, sq, 1});
     // Dropout is off, so the random state is never read; no bias, no packed
     // (variable-length) sequences.

@@ -15,10 +15,13 @@ namespace ssa::kernels::reference {
 at::ScalarType compute_type(at::ScalarType input);
 
 // Whether the fused full attention (forward and full_attention_backward) runs on
-// cuDNN: CUDA bf16/fp16, head dim a multiple of 8 up to 128. On Hopper it is
-// ~1.6x LibTorch's flash kernel at head dim 64 and takes GQA without repeating
-// K/V; larger head dims and other dtypes keep the flash / efficient kernels.
-bool cudnn_attention_usable(const at::Tensor& q);
+// cuDNN: CUDA bf16/fp16, head dim a multiple of 8 up to 128, query and key
+// lengths multiples of kCudnnLengthMultiple (the lengths it was checked on
+// against fp32; training lengths and ring chunks are). On Hopper it is ~1.6x
+// LibTorch's flash kernel at head dim 64 and takes GQA without repeating K/V;
+// everything else keeps the flash / efficient kernels.
+constexpr int64_t kCudnnLengthMultiple = 64;
+bool cudnn_attention_usable(const at::Tensor& q, const at::Tensor& k);
 
 // Softmax over the last dim of scores restricted to the `valid` entries
 // (broadcastable bool). A row with no valid entry gets probs 0 and lse -inf, with

@@ -47,7 +47,7 @@ std::optional<AttentionResult> fused_attention(const at::Tensor& q, const at::Te
   const at::Tensor qh = q.transpose(1, 2);
   at::Tensor out;  // [B, Hq, Sq, D]
   at::Tensor lse;  // [B, Hq, >= Sq] (cuDNN: [B, Hq, Sq, 1])
-  if (cudnn_attention_usable(q)) {
+  if (cudnn_attention_usable(q, k)) {
     // cuDNN takes the kv heads as they are (GQA without repeating K/V).
     auto res = at::_scaled_dot_product_cudnn_attention(qh, k.transpose(1, 2), v.transpose(1, 2), std::nullopt,
                                                        /*compute_log_sumexp=*/true, 0.0, causal, false, scale);
@@ -107,9 +107,10 @@ AttentionResult matmul_attention(const at::Tensor& q, const at::Tensor& k, const
 
 }  // namespace
 
-bool cudnn_attention_usable(const at::Tensor& q) {
+bool cudnn_attention_usable(const at::Tensor& q, const at::Tensor& k) {
   const at::ScalarType dtype = q.scalar_type();
-  return q.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && q.size(3) % 8 == 0 && q.size(3) <= 128;
+  return q.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) && q.size(3) % 8 == 0 && q.size(3) <= 128 &&
+         q.size(1) % kCudnnLengthMultiple == 0 && k.size(1) % kCudnnLengthMultiple == 0;
 }
 
 at::ScalarType compute_type(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }

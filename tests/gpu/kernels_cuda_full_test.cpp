@@ -30,12 +30,18 @@ Grads whole(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   return {r.out.detach(), r.lse.detach(), g[0], g[1], g[2]};
 }
 
+// Lengths 640 (cuDNN) and 600 (not a multiple of 64: flash), chunks of 256 and
+// the rest.
 TEST(CudaFullAttention, FusedForwardAndBackwardMatchFp32) {
   SSA_REQUIRE_GPU();
-  for (const auto& [hq, hkv, d] : {std::tuple<int64_t, int64_t, int64_t>{16, 2, 64}, {8, 8, 128}, {4, 1, 64}}) {
-    const std::string name = "hq " + std::to_string(hq) + " hkv " + std::to_string(hkv) + " d " + std::to_string(d);
+  for (const auto& [hq, hkv, d, s] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{16, 2, 64, 640},
+                                      {8, 8, 128, 640},
+                                      {4, 1, 64, 640},
+                                      {16, 2, 64, 600}}) {
+    const std::string name = "hq " + std::to_string(hq) + " hkv " + std::to_string(hkv) + " d " + std::to_string(d) +
+                             " s " + std::to_string(s);
     at::manual_seed(5);
-    const int64_t b = 2, s = 640;
+    const int64_t b = 2;
     const at::Tensor q = at::randn({b, s, hq, d}, gpu()), k = at::randn({b, s, hkv, d}, gpu()),
                      v = at::randn({b, s, hkv, d}, gpu()), dout = at::randn({b, s, hq, d}, gpu());
     const Grads got = whole(q, k, v, dout);
@@ -49,7 +55,7 @@ TEST(CudaFullAttention, FusedForwardAndBackwardMatchFp32) {
       EXPECT_LT(relative_error(g, w), 2e-2) << name << " " << what;
     }
 
-    // Key chunks [0, 256) (past for queries [256, 640)) and [256, 640) (diagonal),
+    // Key chunks [0, 256) (past for queries [256, s)) and [256, s) (diagonal),
     // gradients from the merged result: their sum is the whole's.
     const int64_t q0 = 256, n = s - q0;
     const at::Tensor qc = q.narrow(1, q0, n), dc = dout.narrow(1, q0, n);
@@ -60,7 +66,7 @@ TEST(CudaFullAttention, FusedForwardAndBackwardMatchFp32) {
     EXPECT_EQ(past.dk.sizes(), k.narrow(1, 0, q0).sizes()) << name;
     const at::Tensor dq = past.dq.to(at::kFloat) + diag.dq.to(at::kFloat);
     EXPECT_LT(relative_error(dq, want.dq.narrow(1, q0, n)), 2e-2) << name << " chunked dq";
-    // Keys [256, 640) get gradient only from queries [256, 640): the diagonal chunk's.
+    // Keys [256, s) get gradient only from queries [256, s): the diagonal chunk's.
     EXPECT_LT(relative_error(diag.dk, want.dk.narrow(1, q0, n)), 2e-2) << name << " chunked dk";
     EXPECT_LT(relative_error(diag.dv, want.dv.narrow(1, q0, n)), 2e-2) << name << " chunked dv";
   }
