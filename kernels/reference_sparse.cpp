@@ -35,17 +35,30 @@ AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const
   // causal for the query (the mask inside the query's own block).
   const at::Tensor valid = ((ids >= 0) & (local >= 0) & (local < sk) & (pos <= qpos)).reshape({b, sq, hkv, slots});
 
-  // Row of each slot in k laid out [B * Hkv * Sk, D]; invalid slots read row 0 of
-  // their (batch, head) and are masked out. The gather is an embedding lookup:
-  // its backward (a sort-based segment sum on CUDA) is deterministic, unlike the
-  // atomic index_add behind index_select.
-  const at::Tensor head_base =
-      (at::arange(b, long_opts).view({b, 1, 1, 1}) * hkv + at::arange(hkv, long_opts).view({1, 1, hkv, 1})) * sk;
-  const at::Tensor rows = head_base + local.reshape({b, sq, hkv, slots}).clamp(0, sk - 1);  // [B, Sq, Hkv, slots]
-  const at::Tensor k_rows = k.to(ct).permute({0, 2, 1, 3}).reshape({b * hkv * sk, d});
-  const at::Tensor v_rows = v.to(ct).permute({0, 2, 1, 3}).reshape({b * hkv * sk, d});
-  const at::Tensor kg = at::embedding(k_rows, rows);  // [B, Sq, Hkv, slots, D]
-  const at::Tensor vg = at::embedding(v_rows, rows);
+  // The gather is an embedding lookup: its backward (a sort-based segment sum) is
+  // deterministic, unlike the atomic index_add behind index_select. Invalid slots
+  // read some row of their (batch, head) and are masked out.
+  at::Tensor kg, vg;  // [B, Sq, Hkv, slots, D]
+  const at::Tensor head =  // (batch, kv head) index: [B, 1, Hkv, 1]
+      at::arange(b, long_opts).view({b, 1, 1, 1}) * hkv + at::arange(hkv, long_opts).view({1, 1, hkv, 1});
+  if (k_start % block_size == 0) {
+    // Blocks line up with the rows: one lookup per selected block (top_k per
+    // query and head rather than top_k * block_size) in k seen as [B * Hkv * nb,
+    // block_size * D], zero rows padding a last partial block.
+    const int64_t nb = (sk + block_size - 1) / block_size, pad = nb * block_size - sk;
+    auto as_blocks = [&](const at::Tensor& t) {
+      const at::Tensor c = pad > 0 ? at::constant_pad_nd(t.to(ct), {0, 0, 0, 0, 0, pad}) : t.to(ct);
+      return c.permute({0, 2, 1, 3}).reshape({b * hkv * nb, block_size * d});
+    };
+    const at::Tensor block_rows = head * nb + (ids.squeeze(-1) - k_start / block_size).clamp(0, nb - 1);
+    kg = at::embedding(as_blocks(k), block_rows).view({b, sq, hkv, slots, d});
+    vg = at::embedding(as_blocks(v), block_rows).view({b, sq, hkv, slots, d});
+  } else {
+    // Row of each slot in k laid out [B * Hkv * Sk, D].
+    const at::Tensor rows = head * sk + local.reshape({b, sq, hkv, slots}).clamp(0, sk - 1);
+    kg = at::embedding(k.to(ct).permute({0, 2, 1, 3}).reshape({b * hkv * sk, d}), rows);
+    vg = at::embedding(v.to(ct).permute({0, 2, 1, 3}).reshape({b * hkv * sk, d}), rows);
+  }
 
   // qg [B, Sq, Hkv, G, D] x kg^T -> scores [B, Sq, Hkv, G, slots]
   const at::Tensor qg = q.to(ct).reshape({b, sq, hkv, group, d});
