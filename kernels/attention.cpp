@@ -7,8 +7,9 @@
 //   every key precedes every query (a context-parallel chunk from the past),
 //   fused SDPA that also returns the log-sum-exp:
 //   _scaled_dot_product_flash_attention_for_cpu on CPU (fp32/fp64/bf16/fp16),
-//   _scaled_dot_product_cudnn_attention on CUDA for bf16/fp16 with D <= 128
-//   (GQA native), _scaled_dot_product_flash_attention for larger D, and
+//   _scaled_dot_product_cudnn_attention on CUDA for bf16/fp16 with D <= 128 and
+//   lengths that are multiples of 64 (GQA native), else
+//   _scaled_dot_product_flash_attention for bf16/fp16, and
 //   _scaled_dot_product_efficient_attention for fp32 (D % 8 == 0, D <= 256);
 //   GQA by repeating each kv head over its query heads. Their lse output carries
 //   no gradient (out does). Every other case (partial causal overlap of the

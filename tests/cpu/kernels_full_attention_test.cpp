@@ -115,6 +115,31 @@ TEST(FullAttention, KeyChunksMergedEqualConcatenatedKeys) {
   expect_close(same.lse, whole.lse, 1e-12, 1e-12, "merge with empty lse");
 }
 
+// merge_into: the in-place accumulator form of the same merge, on a row range of
+// a larger buffer; rows outside stay as they were; bad shapes and dtypes refused.
+TEST(MergePartials, IntoAccumulatorRowsEqualsMergePartials) {
+  at::manual_seed(7);
+  AttentionResult a{randn({2, 5, 3, 4}), randn({2, 3, 5})};
+  const AttentionResult b{randn({2, 5, 3, 4}), randn({2, 3, 5})};
+  a.lse[1][2][0] = -kInf;  // a row only b has
+  a.out[1][0][2].zero_();
+  at::Tensor out = randn({2, 9, 3, 4}), lse = randn({2, 3, 9});
+  out.narrow(1, 2, 5).copy_(a.out);
+  lse.narrow(2, 2, 5).copy_(a.lse);
+  const at::Tensor out_before = out.clone(), lse_before = lse.clone();
+  at::Tensor out_rows = out.narrow(1, 2, 5), lse_rows = lse.narrow(2, 2, 5);
+  merge_into(out_rows, lse_rows, b);
+  const AttentionResult want = merge_partials(a, b);
+  expect_close(out.narrow(1, 2, 5), want.out, 1e-12, 1e-12, "out");
+  expect_close(lse.narrow(2, 2, 5), want.lse, 1e-12, 1e-12, "lse");
+  EXPECT_TRUE(at::equal(out.narrow(1, 0, 2), out_before.narrow(1, 0, 2)));
+  EXPECT_TRUE(at::equal(lse.narrow(2, 7, 2), lse_before.narrow(2, 7, 2)));
+  at::Tensor wrong = randn({2, 4, 3, 4});
+  EXPECT_THROW(merge_into(wrong, lse_rows, b), std::runtime_error);
+  at::Tensor half = out_rows.to(at::kBFloat16), half_lse = lse_rows.to(at::kBFloat16);
+  EXPECT_THROW(merge_into(half, half_lse, b), std::runtime_error);
+}
+
 TEST(MergePartials, MatchesClosedFormAndKeepsEmptyRows) {
   at::manual_seed(6);
   AttentionResult a{randn({1, 3, 2, 4}), randn({1, 2, 3})};
