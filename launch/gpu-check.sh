@@ -2,7 +2,8 @@
 # On a GPU node, after a CUDA build (SSA_TORCH_PYTHON=python3 ./setup.sh): the
 # gpu-labelled tests, `ssa attn check` and `ssa attn bench`, a short bf16 SSA
 # training run on one GPU, and — with two or more GPUs — 32K-token SSA training
-# with cp = 1, cp = 2 and dp = 2. Every log goes to OUT (default gpu-check-out).
+# with cp = 1, cp = 2 and dp = 2, compared by `ssa report`. Every log goes to OUT
+# (default gpu-check-out).
 #
 #   launch/gpu-check.sh [OUT]      SSA_CORPUS: gzip/plain text corpus (default gcide)
 #                                  SSA_GPU_CHECK_PARTS: subset of "tests attn train1 cp" (default all)
@@ -64,5 +65,7 @@ if has cp && ((gpus >= 2)); then
     echo "exit $?" | tee -a "$out/summary.log"
     cp "$work/run-dp$dp-cp$cp/metrics.jsonl" "$out/train-dp$dp-cp$cp.jsonl" 2>/dev/null
   done
+  step "cp = 2 and dp = 2 against cp = 1 (medians after 3 warm-up steps)"
+  "$ssa" report "$work/run-dp1-cp1" "$work/run-dp1-cp2" "$work/run-dp2-cp1" 2>&1 | tee -a "$out/summary.log"
 fi
 step "done"

@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   ssa::launch::add_data_command(app, exit_code);
   ssa::launch::add_eval_command(app, exit_code);
   ssa::launch::add_attn_command(app, exit_code);
+  ssa::launch::add_report_command(app, exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,6 +1,7 @@
 // `ssa train` end to end on CPU: exact resume, kill during a checkpoint,
 // incompatible resume refused, non-finite steps skipped, the three modes.
 #include <gtest/gtest.h>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include <chrono>
@@ -81,6 +82,15 @@ TEST_F(TrainCli, ResumeIsBitExact) {
   for (const auto& [step, loss] : a) EXPECT_EQ(loss, b[step]) << "step " << step;
   EXPECT_LT(a[6], a[1]) << "loss should fall";
   expect_same_weights(dir_ / "straight", dir_ / "pieces");
+  // `ssa report` lists both runs (the resumed one read across its three pieces)
+  // with the same losses.
+  auto report = run_ssa("report " + (dir_ / "straight").string() + " " + (dir_ / "pieces").string() +
+                        " --warmup 1 --loss-steps 2 6");
+  ASSERT_EQ(report.exit_code, 0) << report.output;
+  EXPECT_NE(report.output.find("vs first"), std::string::npos) << report.output;
+  EXPECT_NE(report.output.find(fmt::format("{:.4f}", a[6])), std::string::npos) << report.output;
+  const std::string pieces_row = report.output.substr(report.output.rfind("pieces"));
+  EXPECT_NE(pieces_row.find(fmt::format("{:.4f}", a[6])), std::string::npos) << report.output;
 }
 
 TEST_F(TrainCli, KilledWhileCheckpointingLeavesThePreviousOneAndResumes) {
