@@ -74,11 +74,10 @@ kernels::SparseOptions sparse_options(const AttentionConfig& attention, const at
   return o;
 }
 
-bool draw_full_stream(uint64_t seed, int64_t step, int64_t micro_batch, int64_t replica, double p) {
+bool draw_full_stream(uint64_t seed, int64_t step, int64_t first_sequence, double p) {
   uint64_t h = splitmix64(seed);
   h = splitmix64(h ^ static_cast<uint64_t>(step));
-  h = splitmix64(h ^ (static_cast<uint64_t>(micro_batch) << 20));
-  h = splitmix64(h ^ (static_cast<uint64_t>(replica) << 40));
+  h = splitmix64(h ^ (static_cast<uint64_t>(first_sequence) << 24));
   const double u = static_cast<double>(h >> 11) * (1.0 / 9007199254740992.0);  // [0, 1)
   return u < p;
 }

@@ -26,9 +26,13 @@ Runtime choose_runtime(const TrainConfig& train, int64_t local_rank);
 
 kernels::SparseOptions sparse_options(const AttentionConfig& attention, const at::Device& device);
 
-// The SSA stream drawn for one forward pass: full with probability p. A pure
-// function of (seed, step, micro-batch, replica), so a resumed run draws the same
-// modes and every cp rank of one replica draws the same one.
-bool draw_full_stream(uint64_t seed, int64_t step, int64_t micro_batch, int64_t replica, double p);
+// The SSA stream drawn for one forward pass (a micro-batch): full with
+// probability p. A pure function of (seed, step, first_sequence), where
+// first_sequence is the index within the step's global batch of the micro-batch's
+// first sequence: a resumed run draws the same modes, every cp rank of a replica
+// draws the same one, and a run resumed at another dp size (same micro-batch
+// size, so the same sequences share a micro-batch) draws the same stream for
+// every sequence.
+bool draw_full_stream(uint64_t seed, int64_t step, int64_t first_sequence, double p);
 
 }  // namespace ssa::core

@@ -288,7 +288,8 @@ StepLosses Trainer::train_step(const data::Batch& batch) {
   for (int64_t m = 0; m < n_micro; ++m) {
     settings.pass_full = mode_ == AttentionMode::kFull ||
                          (mode_ == AttentionMode::kSsa &&
-                          draw_full_stream(state_.seed, batch.step, m, grid_.dp_rank(), config_.ssa.full_probability));
+                          draw_full_stream(state_.seed, batch.step, grid_.dp_rank() * batch.rows + m * micro,
+                                           config_.ssa.full_probability));
     (settings.pass_full ? out.full_passes : out.sparse_passes) += 1;
     auto result = model_->forward(inputs.narrow(0, m * micro, micro), positions, settings, config_.train.recompute);
     auto hidden = result.hidden.reshape({-1, result.hidden.size(-1)});
