@@ -89,14 +89,15 @@ void StepProfiler::finish() {
   for (auto& [name, t] : totals) sorted.push_back(t);
   std::sort(sorted.begin(), sorted.end(), [](const auto& a, const auto& b) { return a.seconds > b.seconds; });
 
+  const double per = 1.0 / static_cast<double>(std::max<int64_t>(1, profiled_));
   std::string text = fmt::format("profile of {} step(s) from step {} on rank {}: {:.1f} ms wall per step\n", profiled_,
-                                 start_, rank_, 1e3 * wall_seconds_ / static_cast<double>(std::max<int64_t>(1, profiled_)));
+                                 start_, rank_, 1e3 * wall_seconds_ * per);
   if (cuda_) {
     text += fmt::format("device busy (sum of kernel times over the wall time; streams may overlap): {:.1f}%\n",
                         100.0 * busy / wall_seconds_);
   }
-  text += fmt::format("{:>10} {:>7} {:>7}  {}\n", "ms/step", "share", "calls", cuda_ ? "kernel" : "operator (inclusive)");
-  const double per = 1.0 / static_cast<double>(std::max<int64_t>(1, profiled_));
+  text += fmt::format("{:>10} {:>7} {:>7}  {}\n", "ms/step", "share", "calls",
+                      cuda_ ? "kernel" : "operator (inclusive)");
   for (size_t i = 0; i < sorted.size() && i < 30; ++i) {
     const KernelTotal& t = sorted[i];
     text += fmt::format("{:>10.3f} {:>6.1f}% {:>7}  {}\n", 1e3 * t.seconds * per, 100.0 * t.seconds / wall_seconds_,

@@ -92,7 +92,8 @@ AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tenso
   const at::Tensor d = dout.to(ct), lse_m = lse.to(ct), lse_p = part.lse.detach();
   // w = exp(lse_part - lse); 0 where the merged row is empty (then lse_part is -inf too).
   const at::Tensor empty = at::isinf(lse_m).logical_and(lse_m < 0);
-  const at::Tensor w = at::where(empty, at::zeros_like(lse_m), (lse_p - at::where(empty, at::zeros_like(lse_m), lse_m)).exp());
+  const at::Tensor zero = at::zeros_like(lse_m);
+  const at::Tensor w = at::where(empty, zero, (lse_p - at::where(empty, zero, lse_m)).exp());
   const at::Tensor dot_part = (d * part.out.detach()).sum(-1);  // [B, S, H]
   const at::Tensor dot_merged = (d * out.to(ct)).sum(-1);
   const at::Tensor grad_lse = w * (dot_part - dot_merged).transpose(1, 2);

@@ -102,8 +102,8 @@ std::string summary_table(const std::vector<RunSummary>& runs, const std::vector
                               "step s", "vs first", "tokens/s", "MFU", "peak GiB", "cp bytes full/sparse");
   for (const auto& r : runs) {
     const double ratio = runs.front().step_seconds > 0 ? r.step_seconds / runs.front().step_seconds : 0.0;
-    t += fmt::format("{:<{}}  {:>5}  {:>8.4f}  {:>7.3f}x  {:>9.0f}  {:>5.3f}  {:>8.2f}  {:>21}\n", r.name, width, r.steps,
-                     r.step_seconds, ratio, r.tokens_per_second, r.mfu, r.peak_memory_gib,
+    t += fmt::format("{:<{}}  {:>5}  {:>8.4f}  {:>7.3f}x  {:>9.0f}  {:>5.3f}  {:>8.2f}  {:>21}\n", r.name, width,
+                     r.steps, r.step_seconds, ratio, r.tokens_per_second, r.mfu, r.peak_memory_gib,
                      bytes_text(r.cp_bytes_full) + " / " + bytes_text(r.cp_bytes_sparse));
   }
   t += fmt::format("medians over the steps after warm-up ({} of {} in the first run)\n", runs.front().measured,
@@ -115,8 +115,11 @@ std::string summary_table(const std::vector<RunSummary>& runs, const std::vector
       if (op.size() > 8 && op.compare(op.size() - 8, 8, "_exposed") == 0) continue;
       const auto exposed = r.comm_seconds.find(op + "_exposed");
       if (sec <= 0 && exposed == r.comm_seconds.end()) continue;
-      line += exposed == r.comm_seconds.end() ? fmt::format("  {} {:.2f}", op, 1e3 * sec)
-                                              : fmt::format("  {} {:.2f} / {:.2f}", op, 1e3 * sec, 1e3 * exposed->second);
+      if (exposed == r.comm_seconds.end()) {
+        line += fmt::format("  {} {:.2f}", op, 1e3 * sec);
+      } else {
+        line += fmt::format("  {} {:.2f} / {:.2f}", op, 1e3 * sec, 1e3 * exposed->second);
+      }
     }
     if (line.empty()) continue;
     if (!any_comm) t += "communication, ms per step (CUDA: on its stream / compute waited for it):\n";

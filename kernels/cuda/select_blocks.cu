@@ -12,8 +12,8 @@
 // registers), so a block's sum over heads is a thread-local sum plus one quad
 // reduction. Groups of at most 8 heads pack two tokens into a 16-column unit
 // (one per n-tile of 8 columns), so no mma column or exp is spent on padding
-// heads of a small group (Llama-style 4 or 8 heads per kv head). The causal mask is applied only on the steps that cross a token's
-// own block.
+// heads of a small group (Llama-style 4 or 8 heads per kv head). The causal mask
+// is applied only on the steps that cross a token's own block.
 // Pooled keys come as bf16 hi + lo parts; the ranking pass uses both (near fp32
 // logits, so ties and near-ties fall as in the fp32 reference), the normaliser
 // pass only hi. Query-block mode: the CTA owns one query block; its tokens'
@@ -452,7 +452,8 @@ cudaError_t launch_select(const SelectParams& p, cudaStream_t stream) {
   if (group < 1 || group > kMaxGroup || p.shape.top_k < 1 || p.shape.top_k > kMaxTopK) return cudaErrorInvalidValue;
   const bool two = group > 16, packed = group <= 8;
   switch (p.shape.head_dim) {
-    case 64: return two ? launch<64, 2, 1>(p, stream) : packed ? launch<64, 1, 2>(p, stream) : launch<64, 1, 1>(p, stream);
+    case 64:
+      return two ? launch<64, 2, 1>(p, stream) : packed ? launch<64, 1, 2>(p, stream) : launch<64, 1, 1>(p, stream);
     case 128:
       return two ? launch<128, 2, 1>(p, stream) : packed ? launch<128, 1, 2>(p, stream) : launch<128, 1, 1>(p, stream);
     default: return cudaErrorInvalidValue;
