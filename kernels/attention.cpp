@@ -115,11 +115,14 @@ Backend resolve_backend(const std::string& name, const at::Device& device) {
       fmt::format("kernels: unknown attention backend '{}' (expected 'auto', 'reference' or 'cuda')", name));
 }
 
-bool runs_on_cuda(Backend backend, const at::Tensor& q, const at::Tensor& k, int64_t top_k, int64_t block_size,
-                  bool any_float) {
+namespace {
+
+// runs_on_cuda, with fn naming the call when Backend::kCuda cannot run.
+bool use_cuda(const char* fn, Backend backend, const at::Tensor& q, const at::Tensor& k, int64_t top_k,
+              int64_t block_size, bool any_float = false) {
   switch (backend) {
     case Backend::kReference: return false;
-    case Backend::kCuda: require_cuda("attention", q); return true;
+    case Backend::kCuda: require_cuda(fn, q); return true;
     case Backend::kAuto:
 #ifdef SSA_WITH_CUDA
       return cuda_usable(q.device()) && cuda::supports(q, k, top_k, block_size, any_float);
@@ -129,6 +132,13 @@ bool runs_on_cuda(Backend backend, const at::Tensor& q, const at::Tensor& k, int
 #endif
   }
   return false;
+}
+
+}  // namespace
+
+bool runs_on_cuda(Backend backend, const at::Tensor& q, const at::Tensor& k, int64_t top_k, int64_t block_size,
+                  bool any_float) {
+  return use_cuda("attention", backend, q, k, top_k, block_size, any_float);
 }
 
 AttentionResult full_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_start,
@@ -167,8 +177,7 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
                     "block_size ({}) so no query block is split",
                     q_start, options.block_size));
   }
-  if (options.backend == Backend::kCuda) require_cuda("select_blocks", q);
-  if (runs_on_cuda(options.backend, q, pooled, options.top_k, options.block_size)) {
+  if (use_cuda("select_blocks", options.backend, q, pooled, options.top_k, options.block_size)) {
 #ifdef SSA_WITH_CUDA
     return cuda::select_blocks(q, pooled, options, q_start);
 #endif
@@ -182,8 +191,7 @@ AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const
   check_qkv("sparse_attention", q, k, v);
   check_options("sparse_attention", options);
   check_starts("sparse_attention", q_start, k_start);
-  if (options.backend == Backend::kCuda) require_cuda("sparse_attention", q);
-  const bool on_cuda = runs_on_cuda(options.backend, q, k, 0, options.block_size);
+  const bool on_cuda = use_cuda("sparse_attention", options.backend, q, k, 0, options.block_size);
   // The CUDA path skips the value check: it would stall the stream with a sync
   // on every call, and its ids come from select_blocks.
   check_block_ids("sparse_attention", block_ids, q, k.size(2), !on_cuda);
@@ -203,8 +211,7 @@ AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tenso
   check_merged_grad_inputs(fn, dout, q, k, v, out, lse);
   check_options(fn, options);
   check_starts(fn, q_start, k_start);
-  if (options.backend == Backend::kCuda) require_cuda(fn, q);
-  const bool on_cuda = runs_on_cuda(options.backend, q, k, 0, options.block_size);
+  const bool on_cuda = use_cuda(fn, options.backend, q, k, 0, options.block_size);
   check_block_ids(fn, block_ids, q, k.size(2), !on_cuda);
   if (on_cuda) {
 #ifdef SSA_WITH_CUDA
@@ -262,9 +269,8 @@ AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const a
           "kernels::attention_stats: block id {} is beyond the {} blocks of the {} keys", max_id, nb, k.size(1)));
     }
   }
-  if (backend == Backend::kCuda) require_cuda("attention_stats", q);
   // Statistics read q and k as bf16 whatever their dtype (cuda::attention_stats).
-  if (runs_on_cuda(backend, q, k, 0, block_size, /*any_float=*/true)) {
+  if (use_cuda("attention_stats", backend, q, k, 0, block_size, /*any_float=*/true)) {
 #ifdef SSA_WITH_CUDA
     return cuda::attention_stats(q, k, block_ids, block_size);
 #endif

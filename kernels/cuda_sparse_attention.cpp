@@ -198,6 +198,20 @@ InvertedIndex load_index(AutogradContext* ctx) {
   return index;
 }
 
+// The checks shared by the forward and the merged backward: bf16 CUDA q, k, v,
+// a shape the kernels take, int32 block ids on q's device.
+Shape checked_shape(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start, int64_t k_start) {
+  require_bf16(fn, "q", q);
+  require_bf16(fn, "k", k);
+  require_bf16(fn, "v", v);
+  const Shape shape = make_shape(fn, q, k, block_ids.size(3), options.block_size, q_start, k_start);
+  if (block_ids.scalar_type() != at::kInt || block_ids.device() != q.device()) {
+    throw std::runtime_error(fmt::format("kernels::cuda::{}: block_ids must be int32 on {}", fn, q.device().str()));
+  }
+  return shape;
+}
+
 // Autograd node: inputs q, k, v (bf16, contiguous), block_ids; outputs out, lse.
 class SparseAttentionFunction : public torch::autograd::Function<SparseAttentionFunction> {
  public:
@@ -251,14 +265,7 @@ bool supports(const at::Tensor& q, const at::Tensor& k, int64_t top_k, int64_t b
 AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
                                  int64_t k_start) {
-  const char* fn = "sparse_attention";
-  require_bf16(fn, "q", q);
-  require_bf16(fn, "k", k);
-  require_bf16(fn, "v", v);
-  make_shape(fn, q, k, block_ids.size(3), options.block_size, q_start, k_start);  // throws on unsupported shapes
-  if (block_ids.scalar_type() != at::kInt || block_ids.device() != q.device()) {
-    throw std::runtime_error(fmt::format("kernels::cuda::{}: block_ids must be int32 on {}", fn, q.device().str()));
-  }
+  checked_shape("sparse_attention", q, k, v, block_ids, options, q_start, k_start);
   const c10::cuda::CUDAGuard guard(q.device());
   // dk / dv will be asked for: build their index during the forward.
   const bool kv_grad = at::GradMode::is_enabled() && (k.requires_grad() || v.requires_grad());
@@ -272,14 +279,7 @@ AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tenso
                                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                          const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
                                          int64_t k_start) {
-  const char* fn = "sparse_attention_backward";
-  require_bf16(fn, "q", q);
-  require_bf16(fn, "k", k);
-  require_bf16(fn, "v", v);
-  const Shape shape = make_shape(fn, q, k, block_ids.size(3), options.block_size, q_start, k_start);
-  if (block_ids.scalar_type() != at::kInt || block_ids.device() != q.device()) {
-    throw std::runtime_error(fmt::format("kernels::cuda::{}: block_ids must be int32 on {}", fn, q.device().str()));
-  }
+  const Shape shape = checked_shape("sparse_attention_backward", q, k, v, block_ids, options, q_start, k_start);
   const c10::cuda::CUDAGuard guard(q.device());
   at::NoGradGuard no_grad;
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), ids = block_ids.contiguous();
