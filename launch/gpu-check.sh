@@ -7,6 +7,8 @@
 #
 #   launch/gpu-check.sh [OUT]      SSA_CORPUS: gzip/plain text corpus (default gcide)
 #                                  SSA_GPU_CHECK_PARTS: subset of "tests attn train1 cp" (default all)
+#                                  SSA_GPU_CHECK_CP_SETS: extra --set options for the 32K runs, e.g.
+#                                    "monitoring.profile_start=16 monitoring.profile_steps=2" (traces go to OUT)
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=$(realpath -m "${1:-gpu-check-out}")
@@ -56,6 +58,7 @@ if has cp && ((gpus >= 2)); then
   long=("${common[@]}" --set model.hidden=1024 --set model.n_layers=8 --set model.n_heads=16 --set model.n_kv_heads=2
         --set model.head_dim=64 --set model.ffn_hidden=4096 --set train.seq_len=32768 --set train.micro_batch=1
         --set attention.top_k=16 --set train.recompute=true --set train.steps=20 --set eval.at_end=false)
+  for kv in ${SSA_GPU_CHECK_CP_SETS:-}; do long+=(--set "$kv"); done
   for grid in "1 1 1" "1 2 1" "2 1 2"; do
     read -r dp cp gb <<< "$grid"
     step "train: 32K tokens, dp=$dp cp=$cp global_batch=$gb"
@@ -64,6 +67,9 @@ if has cp && ((gpus >= 2)); then
       --set parallel.dp=$dp --set parallel.cp=$cp --set train.global_batch=$gb > "$out/train-dp$dp-cp$cp.log" 2>&1
     echo "exit $?" | tee -a "$out/summary.log"
     cp "$work/run-dp$dp-cp$cp/metrics.jsonl" "$out/train-dp$dp-cp$cp.jsonl" 2>/dev/null
+    for f in "$work/run-dp$dp-cp$cp"/profile-rank*; do
+      [[ -f $f ]] && cp "$f" "$out/train-dp$dp-cp$cp-$(basename "$f")"
+    done
   done
   step "cp = 2 and dp = 2 against cp = 1 (medians after 3 warm-up steps)"
   "$ssa" report "$work/run-dp1-cp1" "$work/run-dp1-cp2" "$work/run-dp2-cp1" 2>&1 | tee -a "$out/summary.log"
