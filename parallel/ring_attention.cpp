@@ -218,13 +218,10 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     }
     return_selected_grads(*setup.comm, *setup.plan, dkc, dvc, dk, dv);
   } else {
-    // The fp32 dK/dV of the chunk being visited travel one hop behind the K/V, so
-    // each owner gets its sum after cp hops. The K/V rotate as in forward, unless
-    // the forward kept the whole sequence's K/V (sparse stream): then each src's
-    // chunks are read from there and only the gradients travel. Every rank runs
-    // every transfer, with or without work or gradients.
+    // The fp32 dK/dV of each visited chunk travel the ring to their owner,
+    // summing every rank's share on the way. Every rank runs every transfer,
+    // with or without work or gradients.
     const int left = static_cast<int>((z.rank - 1 + z.cp) % z.cp), right = static_cast<int>((z.rank + 1) % z.cp);
-    at::Tensor cur_k = k.contiguous(), cur_v = v.contiguous();
     // Sparse stream: its gradients against the whole sequence's K/V (kept from the
     // forward) at once; the rows of each visiting chunk join that chunk's dK/dV
     // on their way to the owner.
@@ -244,55 +241,88 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
         dv_all.narrow(1, 0, keys).add_(sg.dv);
       }
     }
+    // Accumulator of src's chunks: the sparse stream's share of them, or zeros.
+    auto start_accumulator = [&](int64_t src, const at::Tensor& like_k, const at::Tensor& like_v) {
+      if (!dk_all.defined()) return std::make_pair(at::zeros(like_k.sizes(), acc), at::zeros(like_v.sizes(), acc));
+      const int64_t g0 = z.global_chunk(src, 0), g1 = z.global_chunk(src, 1), c = z.chunk;
+      return std::make_pair(at::cat({dk_all.narrow(1, g0 * c, c), dk_all.narrow(1, g1 * c, c)}, 1),
+                            at::cat({dv_all.narrow(1, g0 * c, c), dv_all.narrow(1, g1 * c, c)}, 1));
+    };
     P2PBatch dkv_batch;
     at::Tensor in_dk, in_dv;
-    for (int64_t step = 0; step < z.cp; ++step) {
-      const int64_t src = (z.rank - step + z.cp) % z.cp;
-      P2PBatch next;
-      at::Tensor next_k, next_v;
-      const bool kept = outputs.k_all.defined();
-      if (kept) {
+    if (outputs.k_all.defined()) {
+      // The forward kept the whole sequence's K/V: no rotation, and the visiting
+      // order can put my own chunks last. Step s works on the chunks of rank
+      // r-1-s; their accumulator arrives from the left (where it was at step
+      // s-1) and leaves to the right, so it reaches its owner at step cp-1, when
+      // the owner works on its own chunks (the heaviest items, with the
+      // diagonals): the last hop travels behind that compute instead of after
+      // it, and each gradient makes cp-1 hops instead of cp.
+      for (int64_t step = 0; step < z.cp; ++step) {
+        const int64_t src = ((z.rank - 1 - step) % z.cp + z.cp) % z.cp;
         const int64_t g0 = z.global_chunk(src, 0), g1 = z.global_chunk(src, 1), c = z.chunk;
-        cur_k = step == 0 ? k.contiguous()
-                          : at::cat({outputs.k_all.narrow(1, g0 * c, c), outputs.k_all.narrow(1, g1 * c, c)}, 1);
-        cur_v = step == 0 ? v.contiguous()
-                          : at::cat({outputs.v_all.narrow(1, g0 * c, c), outputs.v_all.narrow(1, g1 * c, c)}, 1);
-      } else if (step + 1 < z.cp) {
-        next_k = at::empty_like(cur_k);
-        next_v = at::empty_like(cur_v);
-        next = setup.comm->start_p2p({P2POp::send(cur_k, right, kTagKv), P2POp::send(cur_v, right, kTagKv),
-                                      P2POp::recv(next_k, left, kTagKv), P2POp::recv(next_v, left, kTagKv)},
-                                     "ring_kv");
+        const at::Tensor src_k = src == z.rank ? k.contiguous()
+                                               : at::cat({outputs.k_all.narrow(1, g0 * c, c),
+                                                          outputs.k_all.narrow(1, g1 * c, c)}, 1);
+        const at::Tensor src_v = src == z.rank ? v.contiguous()
+                                               : at::cat({outputs.v_all.narrow(1, g0 * c, c),
+                                                          outputs.v_all.narrow(1, g1 * c, c)}, 1);
+        auto [acc_dk, acc_dv] = start_accumulator(src, src_k, src_v);
+        for (const WorkItem& w : ring_work(setup, src)) accumulate(w, src_k, src_v, acc_dk, acc_dv);
+        if (step > 0) {  // what the ranks before me added for src's chunks
+          dkv_batch.wait();
+          acc_dk.add_(in_dk);
+          acc_dv.add_(in_dv);
+        }
+        if (step + 1 == z.cp) {  // src == my rank: complete
+          dk = acc_dk;
+          dv = acc_dv;
+          break;
+        }
+        in_dk = at::empty_like(acc_dk);
+        in_dv = at::empty_like(acc_dv);
+        dkv_batch = setup.comm->start_p2p({P2POp::send(acc_dk, right, kTagDkv), P2POp::send(acc_dv, right, kTagDkv),
+                                           P2POp::recv(in_dk, left, kTagDkv), P2POp::recv(in_dv, left, kTagDkv)},
+                                          "ring_dkv");
       }
-      at::Tensor acc_dk, acc_dv;
-      if (dk_all.defined()) {  // start from the sparse stream's share of src's chunks
-        const int64_t g0 = z.global_chunk(src, 0), g1 = z.global_chunk(src, 1), c = z.chunk;
-        acc_dk = at::cat({dk_all.narrow(1, g0 * c, c), dk_all.narrow(1, g1 * c, c)}, 1);
-        acc_dv = at::cat({dv_all.narrow(1, g0 * c, c), dv_all.narrow(1, g1 * c, c)}, 1);
-      } else {
-        acc_dk = at::zeros(cur_k.sizes(), acc);
-        acc_dv = at::zeros(cur_v.sizes(), acc);
+    } else {
+      // The K/V rotate again as in the forward, starting from my own; the fp32
+      // dK/dV of the chunk being visited travel one hop behind them, so each
+      // owner gets its sum after cp hops.
+      at::Tensor cur_k = k.contiguous(), cur_v = v.contiguous();
+      for (int64_t step = 0; step < z.cp; ++step) {
+        const int64_t src = (z.rank - step + z.cp) % z.cp;
+        P2PBatch next;
+        at::Tensor next_k, next_v;
+        if (step + 1 < z.cp) {
+          next_k = at::empty_like(cur_k);
+          next_v = at::empty_like(cur_v);
+          next = setup.comm->start_p2p({P2POp::send(cur_k, right, kTagKv), P2POp::send(cur_v, right, kTagKv),
+                                        P2POp::recv(next_k, left, kTagKv), P2POp::recv(next_v, left, kTagKv)},
+                                       "ring_kv");
+        }
+        auto [acc_dk, acc_dv] = start_accumulator(src, cur_k, cur_v);
+        for (const WorkItem& w : ring_work(setup, src)) accumulate(w, cur_k, cur_v, acc_dk, acc_dv);
+        if (step > 0) {  // what the ranks before me added for this chunk
+          dkv_batch.wait();
+          acc_dk.add_(in_dk);
+          acc_dv.add_(in_dv);
+        }
+        in_dk = at::empty_like(acc_dk);
+        in_dv = at::empty_like(acc_dv);
+        dkv_batch = setup.comm->start_p2p({P2POp::send(acc_dk, right, kTagDkv), P2POp::send(acc_dv, right, kTagDkv),
+                                           P2POp::recv(in_dk, left, kTagDkv), P2POp::recv(in_dv, left, kTagDkv)},
+                                          "ring_dkv");
+        next.wait();
+        if (next_k.defined()) {
+          cur_k = next_k;
+          cur_v = next_v;
+        }
       }
-      for (const WorkItem& w : ring_work(setup, src)) accumulate(w, cur_k, cur_v, acc_dk, acc_dv);
-      if (step > 0) {  // what the ranks before me added for this chunk
-        dkv_batch.wait();
-        acc_dk.add_(in_dk);
-        acc_dv.add_(in_dv);
-      }
-      in_dk = at::empty_like(acc_dk);
-      in_dv = at::empty_like(acc_dv);
-      dkv_batch = setup.comm->start_p2p({P2POp::send(acc_dk, right, kTagDkv), P2POp::send(acc_dv, right, kTagDkv),
-                                         P2POp::recv(in_dk, left, kTagDkv), P2POp::recv(in_dv, left, kTagDkv)},
-                                        "ring_dkv");
-      next.wait();
-      if (next_k.defined()) {
-        cur_k = next_k;
-        cur_v = next_v;
-      }
+      dkv_batch.wait();  // after cp hops my own chunk's complete dK/dV arrived
+      dk = in_dk;
+      dv = in_dv;
     }
-    dkv_batch.wait();  // after cp hops my own chunk's complete dK/dV arrived
-    dk = in_dk;
-    dv = in_dv;
   }
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
