@@ -61,6 +61,7 @@ struct StepLosses {
   double loss = 0, ce = 0, sparsity = 0, commitment = 0;
   int64_t full_passes = 0, sparse_passes = 0;
   int64_t bytes_full = 0, bytes_sparse = 0;
+  at::Tensor device_sums;  // [loss, ce, sparsity, commitment] of this rank until read_losses
 };
 
 class Trainer {
@@ -80,6 +81,7 @@ class Trainer {
   void start();
   void resume(const fs::path& checkpoint);
   StepLosses train_step(const data::Batch& batch);
+  void read_losses(StepLosses* out);
   void save_checkpoint(double* seconds);
   void evaluate_at_end();
   void barrier() { grid_.world().barrier(); }
@@ -284,7 +286,9 @@ StepLosses Trainer::train_step(const data::Batch& batch) {
   settings.cp_group = group_or_null(grid_.cp_group());
 
   StepLosses out;
-  auto sums = at::zeros({4}, at::TensorOptions().dtype(at::kDouble));
+  // The losses stay on the device until the optimizer step is enqueued: reading
+  // them here would make the device idle while the host launches the update.
+  at::Tensor sums = at::zeros({4}, at::TensorOptions().dtype(at::kDouble).device(runtime_.device));
   for (int64_t m = 0; m < n_micro; ++m) {
     settings.pass_full = mode_ == AttentionMode::kFull ||
                          (mode_ == AttentionMode::kSsa &&
@@ -299,20 +303,27 @@ StepLosses Trainer::train_step(const data::Batch& batch) {
     if (mode_ == AttentionMode::kSsa)
       loss = ce + config_.ssa.alpha * (result.sparsity_loss + result.commitment_loss);
     (loss / static_cast<double>(n_micro)).backward();
-    auto parts = at::stack({loss.detach(), ce.detach(), result.sparsity_loss.detach(), result.commitment_loss.detach()})
-                     .to(at::kCPU, at::kDouble);
-    sums += parts;
+    sums += at::stack({loss.detach(), ce.detach(), result.sparsity_loss.detach(), result.commitment_loss.detach()})
+                .to(at::kDouble);
     out.bytes_full += result.bytes_full;
     out.bytes_sparse += result.bytes_sparse;
   }
   sums /= static_cast<double>(n_micro);
-  grid_.world().all_reduce(sums, parallel::ReduceOp::kAvg);  // the step's losses over every rank
-  auto acc = sums.accessor<double, 1>();
-  out.loss = acc[0];
-  out.ce = acc[1];
-  out.sparsity = acc[2];
-  out.commitment = acc[3];
+  if (inject_nonfinite_.count(state_.step + 1)) sums.fill_(std::nan(""));
+  out.device_sums = sums;
   return out;
+}
+
+// After the optimizer step is enqueued: the step's losses over every rank.
+void Trainer::read_losses(StepLosses* out) {
+  at::Tensor sums = out->device_sums.to(at::kCPU);
+  out->device_sums = at::Tensor();
+  grid_.world().all_reduce(sums, parallel::ReduceOp::kAvg);
+  auto acc = sums.accessor<double, 1>();
+  out->loss = acc[0];
+  out->ce = acc[1];
+  out->sparsity = acc[2];
+  out->commitment = acc[3];
 }
 
 TrainOutcome Trainer::run() {
@@ -333,12 +344,14 @@ TrainOutcome Trainer::run() {
     auto t0 = Clock::now();
     data::Batch batch = reader_->next();
     StepLosses losses = train_step(batch);
-    if (inject_nonfinite_.count(state_.step + 1)) losses.loss = std::nan("");
     const double lr = cosine_lr(config_.optimizer.lr, state_.step, total, config_.schedule.warmup_fraction,
                                 config_.schedule.final_lr_fraction);
-    parallel::StepResult result{};
+    // A non-finite loss on any rank skips the update on every rank (decided on
+    // the device with the gradient norm's verdict).
+    optimizer_->launch_step(lr, at::isfinite(losses.device_sums.narrow(0, 0, 1)).logical_not());
+    read_losses(&losses);
+    const parallel::StepResult result = optimizer_->finish_step();
     const bool finite_loss = std::isfinite(losses.loss);
-    if (finite_loss) result = optimizer_->step(lr);
     optimizer_->zero_grad();
     state_.data_step = reader_->cursor().step;
     if (!finite_loss || !result.applied) {

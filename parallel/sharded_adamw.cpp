@@ -66,7 +66,19 @@ ShardedAdamW::ShardedAdamW(std::vector<Parameter> params, AdamWOptions options, 
                                                                                                piece.numel));
     }
     state_.push_back(std::move(s));
+    std::vector<DecayRun> runs;
+    for (const FlatPiece& piece : FlatLayout::pieces_in(b, b.own_begin, b.own_end)) {
+      const bool decay = params_[static_cast<size_t>(piece.param)].decay;
+      const int64_t offset = piece.bucket_offset - origin;
+      if (!runs.empty() && runs.back().decay == decay && runs.back().offset + runs.back().numel == offset) {
+        runs.back().numel += piece.numel;
+      } else {
+        runs.push_back({offset, piece.numel, decay});
+      }
+    }
+    runs_.push_back(std::move(runs));
   }
+  device_step_ = at::zeros({1}, f32);
 }
 
 ShardedAdamW::~ShardedAdamW() = default;
@@ -81,7 +93,9 @@ at::Tensor ShardedAdamW::bucket_gradients(const FlatBucket& b) const {
   return buf;
 }
 
-StepResult ShardedAdamW::step(double lr) {
+void ShardedAdamW::launch_step(double lr, const at::Tensor& skip) {
+  if (pending_norm_sq_.defined())
+    throw std::logic_error("parallel::ShardedAdamW::launch_step: the previous step was not finished");
   at::NoGradGuard no_grad;
   const auto& buckets = layout_->buckets();
   std::vector<at::Tensor> grads;
@@ -106,41 +120,50 @@ StepResult ShardedAdamW::step(double lr) {
     grads.push_back(std::move(g));
   }
   if (sharded()) dp_->all_reduce(norm_sq, ReduceOp::kSum);  // disjoint shards: sum of squares
-  // Every rank must take the same branch: agree on "not finite" over dp and cp.
-  at::Tensor bad = at::isfinite(norm_sq).logical_not().to(at::kDouble);
+  // Every rank must take the same branch: agree on "skip" over dp and cp.
+  at::Tensor bad = at::isfinite(norm_sq).logical_not().to(at::kFloat);
+  if (skip.defined()) bad = at::maximum(bad, skip.reshape({1}).ne(0).to(at::kFloat));
   if (dp_size_ > 1) dp_->all_reduce(bad, ReduceOp::kMax);
   if (group_size(cp_) > 1) cp_->all_reduce(bad, ReduceOp::kMax);
-  StepResult result;
-  result.grad_norm = std::sqrt(norm_sq.item<double>());
-  if (bad.item<double>() != 0.0 || !std::isfinite(result.grad_norm)) {
-    result.applied = false;
-    return result;
+  // The fused kernel skips everything when found_inf is 1 and divides the
+  // gradients by grad_scale: 1 / clip factor, clip = min(1, max / (norm + 1e-6)).
+  std::optional<at::Tensor> inverse_clip;
+  if (options_.grad_clip > 0) {
+    inverse_clip = at::clamp_min((norm_sq.sqrt() + 1e-6) / options_.grad_clip, 1.0).to(at::kFloat);
   }
-  const double clip = options_.grad_clip > 0 ? std::min(1.0, options_.grad_clip / (result.grad_norm + 1e-6)) : 1.0;
-  ++step_;
+  device_step_.add_(1.0 - bad);
   const double b1 = options_.beta1, b2 = options_.beta2;
-  const double bias1 = 1.0 - std::pow(b1, static_cast<double>(step_));
-  const double bias2 = 1.0 - std::pow(b2, static_cast<double>(step_));
   for (size_t i = 0; i < buckets.size(); ++i) {
-    const FlatBucket& b = buckets[i];
     BucketState& s = state_[i];
-    at::Tensor& g = grads[i];
-    if (clip < 1.0) g.mul_(clip);
-    const int64_t origin = state_origin(b);
-    if (options_.weight_decay > 0) {
-      for (const FlatPiece& piece : FlatLayout::pieces_in(b, b.own_begin, b.own_end)) {
-        if (params_[static_cast<size_t>(piece.param)].decay) {
-          s.master.narrow(0, piece.bucket_offset - origin, piece.numel).mul_(1.0 - lr * options_.weight_decay);
-        }
+    for (const bool decay : {true, false}) {
+      std::vector<at::Tensor> p, g, m, v, steps;
+      for (const DecayRun& run : runs_[i]) {
+        if (run.decay != decay) continue;
+        p.push_back(s.master.narrow(0, run.offset, run.numel));
+        g.push_back(grads[i].narrow(0, run.offset, run.numel));
+        m.push_back(s.exp_avg.narrow(0, run.offset, run.numel));
+        v.push_back(s.exp_avg_sq.narrow(0, run.offset, run.numel));
+        steps.push_back(device_step_);
       }
+      if (p.empty()) continue;
+      at::_fused_adamw_(p, g, m, v, {}, steps, lr, b1, b2, decay ? options_.weight_decay : 0.0, options_.eps,
+                        /*amsgrad=*/false, /*maximize=*/false, inverse_clip, bad);
     }
-    s.exp_avg.mul_(b1).add_(g, 1.0 - b1);
-    s.exp_avg_sq.mul_(b2).addcmul_(g, g, 1.0 - b2);
-    const at::Tensor denom = (s.exp_avg_sq.sqrt() / std::sqrt(bias2)).add_(options_.eps);
-    s.master.addcdiv_(s.exp_avg, denom, -lr / bias1);
   }
-  write_parameters();
-  result.applied = true;
+  write_parameters();  // a skipped step writes the unchanged weights back
+  pending_norm_sq_ = norm_sq;
+  pending_skip_ = bad;
+}
+
+StepResult ShardedAdamW::finish_step() {
+  if (!pending_norm_sq_.defined())
+    throw std::logic_error("parallel::ShardedAdamW::finish_step: no step was launched");
+  StepResult result;
+  result.grad_norm = std::sqrt(pending_norm_sq_.item<double>());
+  result.applied = pending_skip_.item<float>() == 0.0f;
+  pending_norm_sq_ = at::Tensor();
+  pending_skip_ = at::Tensor();
+  if (result.applied) ++step_;
   return result;
 }
 
@@ -239,6 +262,7 @@ void ShardedAdamW::import_state(const std::vector<ShardState>& shards, int64_t s
     }
   }
   step_ = step;
+  device_step_.fill_(static_cast<double>(step));
   write_parameters();
 }
 

@@ -18,6 +18,11 @@
 //
 // A step whose global gradient norm is not finite changes nothing (applied =
 // false, the step count does not advance); every rank reaches the same verdict.
+//
+// The update is PyTorch's fused AdamW kernel over my shard (one launch per
+// bucket and weight-decay group). Clipping and the non-finite verdict are
+// decided on the device, so launch_step() enqueues a whole step without waiting
+// for it; finish_step() reads the verdict and the norm back (the one wait).
 #include <ATen/ATen.h>
 
 #include <cstdint>
@@ -70,8 +75,17 @@ class ShardedAdamW {
   ~ShardedAdamW();
 
   // Averages the gradients (param.grad(); undefined counts as zero), clips,
-  // updates, and writes the new weights into the parameters. Collective over dp and cp.
-  StepResult step(double lr);
+  // updates, and writes the new weights into the parameters. Collective over dp
+  // and cp. `skip` (optional, one element on the parameters' device): non-zero
+  // on any rank skips the step on every rank (e.g. a non-finite loss).
+  // Enqueued only: call finish_step() before the next launch_step().
+  void launch_step(double lr, const at::Tensor& skip = at::Tensor());
+  // Waits for the launched step; its norm and whether it was applied.
+  StepResult finish_step();
+  StepResult step(double lr) {
+    launch_step(lr);
+    return finish_step();
+  }
   StepResult step() { return step(options_.lr); }
   void zero_grad();  // releases the parameters' gradients (set to none)
 
@@ -100,6 +114,13 @@ class ShardedAdamW {
     at::Tensor exp_avg;
     at::Tensor exp_avg_sq;
   };
+  // A run of my owned range, in state coordinates, whose parameters share the
+  // weight-decay setting: one tensor of a fused update's lists.
+  struct DecayRun {
+    int64_t offset = 0;
+    int64_t numel = 0;
+    bool decay = true;
+  };
   at::Tensor bucket_gradients(const FlatBucket& bucket) const;  // fp32 [padded]
   void write_parameters();  // master -> params (all-gather with ZeRO)
   bool sharded() const { return options_.zero && dp_size_ > 1; }
@@ -113,7 +134,10 @@ class ShardedAdamW {
   int64_t dp_size_ = 1, dp_rank_ = 0;
   std::unique_ptr<FlatLayout> layout_;
   std::vector<BucketState> state_;
+  std::vector<std::vector<DecayRun>> runs_;  // per bucket
   int64_t step_ = 0;
+  at::Tensor device_step_;   // fp32 [1]: the step count the fused kernel reads
+  at::Tensor pending_norm_sq_, pending_skip_;  // the launched step's verdict (device)
   at::Device device_{at::kCPU};
 };
 
