@@ -302,6 +302,7 @@ StepLosses Trainer::train_step(const data::Batch& batch) {
     auto loss = ce;
     if (mode_ == AttentionMode::kSsa)
       loss = ce + config_.ssa.alpha * (result.sparsity_loss + result.commitment_loss);
+    if (m + 1 == n_micro) optimizer_->reduce_during_next_backward();  // the step's gradients complete here
     (loss / static_cast<double>(n_micro)).backward();
     sums += at::stack({loss.detach(), ce.detach(), result.sparsity_loss.detach(), result.commitment_loss.detach()})
                 .to(at::kDouble);

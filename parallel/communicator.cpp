@@ -221,6 +221,47 @@ void Communicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {
   mpi_all_reduce(tensor, op);
 }
 
+namespace {
+
+void check_in_flight_tensor(const at::Tensor& t, const std::string& group, const char* op) {
+  if (!t.is_contiguous() || t.scalar_type() == at::kBool) {
+    throw CommError(fmt::format("{}: {} on '{}' in flight needs a contiguous, non-bool tensor (got {} {})",
+                                process_location(), op, group, c10::toString(t.scalar_type()),
+                                t.is_contiguous() ? "contiguous" : "non-contiguous"));
+  }
+}
+
+}  // namespace
+
+P2PBatch Communicator::start_all_reduce(const at::Tensor& tensor, ReduceOp op) {
+  check_device(tensor, "all_reduce");
+  check_in_flight_tensor(tensor, name_, "all_reduce");
+#ifdef SSA_WITH_CUDA
+  if (tensor.is_cuda()) {
+    check_avg_type(tensor, op, "all_reduce");
+    return nccl_start_all_reduce(tensor, op);
+  }
+#endif
+  all_reduce(tensor, op);
+  return P2PBatch();
+}
+
+P2PBatch Communicator::start_reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op) {
+  check_in_flight_tensor(input, name_, "reduce_scatter");
+  check_in_flight_tensor(output, name_, "reduce_scatter");
+#ifdef SSA_WITH_CUDA
+  if (input.is_cuda() && output.is_cuda() && input.scalar_type() == output.scalar_type() &&
+      input.numel() == output.numel() * size_) {
+    check_device(input, "reduce_scatter");
+    check_device(output, "reduce_scatter");
+    check_avg_type(input, op, "reduce_scatter");
+    return nccl_start_reduce_scatter(input, output, op);
+  }
+#endif
+  reduce_scatter(input, output, op);  // CPU, or the shape/dtype error
+  return P2PBatch();
+}
+
 void Communicator::reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op) {
   check_device(input, "reduce_scatter");
   check_device(output, "reduce_scatter");

@@ -21,6 +21,12 @@
 #include <string>
 #include <vector>
 
+#ifdef SSA_WITH_CUDA
+namespace at::cuda {
+struct CUDAEvent;
+}
+#endif
+
 namespace ssa::parallel {
 
 enum class ReduceOp { kSum, kAvg, kMax };
@@ -39,7 +45,7 @@ struct P2POp {
 
 class Communicator;
 
-// Transfers in flight. wait() completes them (CPU: MPI_Waitall; CUDA: the
+// Transfers (or a collective) in flight. wait() completes them (CPU: MPI_Waitall; CUDA: the
 // caller's current stream waits for the NCCL stream). The destructor waits when
 // wait() was not called, so no buffer is released while a transfer uses it.
 class P2PBatch {
@@ -84,6 +90,12 @@ class Communicator {
   void all_gather(const at::Tensor& input, const at::Tensor& output);
   // As above; output shaped [size() * input.size(0), ...] (a 0-dim input gives [size()]).
   at::Tensor all_gather(const at::Tensor& input);
+  // As all_reduce and reduce_scatter, but returned while in flight: on CUDA the
+  // caller's stream does not wait for the result until the batch's wait(), so
+  // later compute overlaps it (tensors: contiguous, not bool; they must not be
+  // touched before wait()). CPU tensors: complete before returning.
+  P2PBatch start_all_reduce(const at::Tensor& tensor, ReduceOp op);
+  P2PBatch start_reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op);
   // In place: every rank receives root's tensor.
   void broadcast(const at::Tensor& tensor, int root);
   void barrier();
@@ -133,6 +145,9 @@ class Communicator {
   void nccl_all_gather(const at::Tensor& input, const at::Tensor& output);
   void nccl_broadcast(const at::Tensor& tensor, int root);
   P2PBatch nccl_start_p2p(std::vector<P2POp> ops, const std::string& op_name);
+  P2PBatch nccl_start_all_reduce(const at::Tensor& tensor, ReduceOp op);
+  P2PBatch nccl_start_reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op);
+  P2PBatch nccl_in_flight(const std::string& op, std::vector<at::Tensor> tensors, at::cuda::CUDAEvent done);
   void flush_nccl_timings();
 #endif
   void destroy_nccl();

@@ -111,11 +111,12 @@ void nccl_wait_exposed(Communicator::NcclState& s, const std::string& op, at::cu
 
 namespace {
 
-// Runs `launch(comm, stream)` on the group's side stream, ordered after the
-// caller's current stream and before its later work.
+// Queues `launch(comm, stream)` on the group's side stream after the caller's
+// current stream's work; returns the event that marks its end (the caller's
+// stream does not wait for it yet).
 template <class Launch>
-void run_on_side_stream(Communicator::NcclState& s, const std::vector<at::Tensor>& touched, const std::string& key,
-                        Launch&& launch) {
+at::cuda::CUDAEvent enqueue_on_side_stream(Communicator::NcclState& s, const std::vector<at::Tensor>& touched,
+                                           const std::string& key, Launch&& launch) {
   const auto device = static_cast<c10::DeviceIndex>(s.device);
   c10::cuda::CUDAGuard guard(device);
   const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream(device);
@@ -128,9 +129,18 @@ void run_on_side_stream(Communicator::NcclState& s, const std::vector<at::Tensor
   end.record(*s.stream);
   at::cuda::CUDAEvent done(cudaEventDefault);
   done.record(*s.stream);
-  nccl_wait_exposed(s, key, std::move(done));
   for (const auto& t : touched) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), *s.stream);
   s.pending.push_back({key, std::move(start), std::move(end)});
+  return done;
+}
+
+// As above, and the caller's current stream waits for it.
+template <class Launch>
+void run_on_side_stream(Communicator::NcclState& s, const std::vector<at::Tensor>& touched, const std::string& key,
+                        Launch&& launch) {
+  const auto device = static_cast<c10::DeviceIndex>(s.device);
+  c10::cuda::CUDAGuard guard(device);
+  nccl_wait_exposed(s, key, enqueue_on_side_stream(s, touched, key, std::forward<Launch>(launch)));
 }
 
 }  // namespace
@@ -182,6 +192,40 @@ void Communicator::nccl_broadcast(const at::Tensor& tensor, int root) {
   });
   if (!buf.is_same(tensor)) tensor.copy_(buf);
   record("broadcast", 0.0, nbytes(tensor));
+}
+
+P2PBatch Communicator::nccl_in_flight(const std::string& op, std::vector<at::Tensor> tensors, at::cuda::CUDAEvent done) {
+  auto state = std::make_unique<P2PBatch::State>();
+  state->comm = this;
+  state->op = op;
+  state->cuda = true;
+  state->device = nccl_->device;
+  state->done.emplace(std::move(done));
+  state->tensors = std::move(tensors);
+  P2PBatch batch;
+  batch.state_ = std::move(state);
+  return batch;
+}
+
+P2PBatch Communicator::nccl_start_all_reduce(const at::Tensor& tensor, ReduceOp op) {
+  ensure_device(tensor.device());
+  at::cuda::CUDAEvent done = enqueue_on_side_stream(*nccl_, {tensor}, "all_reduce", [&](ncclComm_t comm, cudaStream_t stream) {
+    SSA_NCCL_CHECK(ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), static_cast<size_t>(tensor.numel()),
+                                 nccl_type(tensor.scalar_type()), nccl_op(op), comm, stream));
+  });
+  record("all_reduce", 0.0, nbytes(tensor));
+  return nccl_in_flight("all_reduce", {tensor}, std::move(done));
+}
+
+P2PBatch Communicator::nccl_start_reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op) {
+  ensure_device(input.device());
+  at::cuda::CUDAEvent done =
+      enqueue_on_side_stream(*nccl_, {input, output}, "reduce_scatter", [&](ncclComm_t comm, cudaStream_t stream) {
+        SSA_NCCL_CHECK(ncclReduceScatter(input.data_ptr(), output.data_ptr(), static_cast<size_t>(output.numel()),
+                                         nccl_type(input.scalar_type()), nccl_op(op), comm, stream));
+      });
+  record("reduce_scatter", 0.0, nbytes(input));
+  return nccl_in_flight("reduce_scatter", {input, output}, std::move(done));
 }
 
 P2PBatch Communicator::nccl_start_p2p(std::vector<P2POp> ops, const std::string& op_name) {

@@ -79,9 +79,119 @@ ShardedAdamW::ShardedAdamW(std::vector<Parameter> params, AdamWOptions options, 
     runs_.push_back(std::move(runs));
   }
   device_step_ = at::zeros({1}, f32);
+  param_pieces_.resize(params_.size());
+  const auto& buckets = layout_->buckets();
+  for (size_t i = 0; i < buckets.size(); ++i) {
+    for (const FlatPiece& piece : buckets[i].pieces) param_pieces_[static_cast<size_t>(piece.param)].emplace_back(i, piece);
+  }
+  reductions_.resize(buckets.size());
+  arrived_.assign(params_.size(), 0);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    at::Tensor& t = params_[i].tensor;
+    if (!t.requires_grad()) continue;
+    const unsigned handle = t.register_hook([this, i](const at::Tensor& grad) { on_gradient(i, grad); });
+    hooks_.emplace_back(t, handle);
+  }
 }
 
-ShardedAdamW::~ShardedAdamW() = default;
+ShardedAdamW::~ShardedAdamW() {
+  for (auto& [tensor, handle] : hooks_) {
+    try {
+      tensor.remove_hook(handle);
+    } catch (...) {  // the parameter may already be gone from the graph's view; nothing to undo then
+    }
+  }
+}
+
+void ShardedAdamW::reduce_during_next_backward() {
+  if (pending_norm_sq_.defined())
+    throw std::logic_error("parallel::ShardedAdamW::reduce_during_next_backward: the previous step was not finished");
+  const auto& buckets = layout_->buckets();
+  for (size_t i = 0; i < buckets.size(); ++i) {
+    Reduction& r = reductions_[i];
+    if (!r.buffer.defined()) r.buffer = at::zeros({buckets[i].padded}, at::TensorOptions().dtype(at::kFloat).device(device_));
+    r.missing = static_cast<int64_t>(buckets[i].pieces.size());
+    r.started = false;
+  }
+  std::fill(arrived_.begin(), arrived_.end(), 0);
+  next_start_ = 0;
+  overlap_armed_ = true;
+}
+
+void ShardedAdamW::on_gradient(size_t param, const at::Tensor& grad) {
+  if (!overlap_armed_ || !grad.defined()) return;
+  at::NoGradGuard no_grad;
+  // The hook sees this backward's gradient before it is added to .grad, which
+  // holds the earlier micro-batches' sum.
+  const at::Tensor& earlier = params_[param].tensor.grad();
+  const at::Tensor flat = grad.reshape({-1});
+  for (const auto& [bucket, piece] : param_pieces_[param]) {
+    at::Tensor dst = reductions_[bucket].buffer.narrow(0, piece.bucket_offset, piece.numel);
+    if (arrived_[param]) {  // a second gradient for the same parameter in one backward
+      dst.add_(flat.narrow(0, piece.param_offset, piece.numel));
+      continue;
+    }
+    dst.copy_(flat.narrow(0, piece.param_offset, piece.numel));
+    if (earlier.defined()) dst.add_(earlier.reshape({-1}).narrow(0, piece.param_offset, piece.numel));
+    reductions_[bucket].missing -= 1;
+  }
+  arrived_[param] = 1;
+  start_reductions(/*all=*/false);
+}
+
+void ShardedAdamW::start_reductions(bool all) {
+  const auto& buckets = layout_->buckets();
+  while (next_start_ < buckets.size()) {
+    const size_t i = buckets.size() - 1 - next_start_;
+    Reduction& r = reductions_[i];
+    if (r.missing > 0 && !all) return;
+    if (r.missing > 0) {  // parameters this backward did not reach: their .grad, or zero
+      for (const FlatPiece& piece : buckets[i].pieces) {
+        const size_t p = static_cast<size_t>(piece.param);
+        if (arrived_[p]) continue;
+        at::Tensor dst = r.buffer.narrow(0, piece.bucket_offset, piece.numel);
+        const at::Tensor& grad = params_[p].tensor.grad();
+        if (grad.defined()) {
+          dst.copy_(grad.reshape({-1}).narrow(0, piece.param_offset, piece.numel));
+        } else {
+          dst.zero_();
+        }
+      }
+      r.missing = 0;
+    }
+    if (sharded()) {
+      r.reduced = at::empty({buckets[i].shard_numel}, r.buffer.options());
+      r.dp_flight = dp_->start_reduce_scatter(r.buffer, r.reduced, ReduceOp::kAvg);
+    } else {
+      r.reduced = r.buffer;
+      if (dp_size_ > 1) r.dp_flight = dp_->start_all_reduce(r.reduced, ReduceOp::kAvg);
+    }
+    // Over cp in flight too when nothing over dp precedes it (a cp reduction
+    // after a dp one waits for it in finish_reductions).
+    if (group_size(cp_) > 1 && dp_size_ == 1) r.cp_flight = cp_->start_all_reduce(r.reduced, ReduceOp::kAvg);
+    r.started = true;
+    ++next_start_;
+  }
+}
+
+std::vector<at::Tensor> ShardedAdamW::finish_reductions() {
+  overlapped_buckets_ = static_cast<int64_t>(next_start_);
+  start_reductions(/*all=*/true);
+  overlap_armed_ = false;
+  std::vector<at::Tensor> grads;
+  for (Reduction& r : reductions_) {
+    r.dp_flight.wait();
+    if (group_size(cp_) > 1) {
+      if (r.cp_flight.pending()) {
+        r.cp_flight.wait();
+      } else {
+        cp_->all_reduce(r.reduced, ReduceOp::kAvg);
+      }
+    }
+    grads.push_back(r.reduced);
+  }
+  return grads;
+}
 
 at::Tensor ShardedAdamW::bucket_gradients(const FlatBucket& b) const {
   at::Tensor buf = at::zeros({b.padded}, at::TensorOptions().dtype(at::kFloat).device(device_));
@@ -99,25 +209,29 @@ void ShardedAdamW::launch_step(double lr, const at::Tensor& skip) {
   at::NoGradGuard no_grad;
   const auto& buckets = layout_->buckets();
   std::vector<at::Tensor> grads;
-  grads.reserve(buckets.size());
+  if (overlap_armed_) {
+    grads = finish_reductions();
+  } else {
+    for (const FlatBucket& b : buckets) {
+      at::Tensor buf = bucket_gradients(b);
+      at::Tensor g;
+      if (sharded()) {
+        g = dp_->reduce_scatter(buf, ReduceOp::kAvg);  // [shard_numel]: my part, averaged over dp
+      } else {
+        if (dp_size_ > 1) dp_->all_reduce(buf, ReduceOp::kAvg);
+        g = buf;
+      }
+      if (group_size(cp_) > 1) cp_->all_reduce(g, ReduceOp::kAvg);
+      grads.push_back(std::move(g));
+    }
+  }
   at::Tensor norm_sq = at::zeros({1}, at::TensorOptions().dtype(at::kDouble).device(device_));
-  for (const FlatBucket& b : buckets) {
-    at::Tensor buf = bucket_gradients(b);
-    at::Tensor g;
-    if (sharded()) {
-      g = dp_->reduce_scatter(buf, ReduceOp::kAvg);  // [shard_numel]: my part, averaged over dp
-    } else {
-      if (dp_size_ > 1) dp_->all_reduce(buf, ReduceOp::kAvg);
-      g = buf;
-    }
-    if (group_size(cp_) > 1) cp_->all_reduce(g, ReduceOp::kAvg);
-    const int64_t origin = state_origin(b);
-    if (b.own_numel() > 0) {
-      const at::Tensor norm =
-          at::linalg_vector_norm(g.narrow(0, b.own_begin - origin, b.own_numel()), 2, std::nullopt, false, at::kDouble);
-      norm_sq.add_(norm.square());
-    }
-    grads.push_back(std::move(g));
+  for (size_t i = 0; i < buckets.size(); ++i) {
+    const FlatBucket& b = buckets[i];
+    if (b.own_numel() == 0) continue;
+    const at::Tensor norm = at::linalg_vector_norm(grads[i].narrow(0, b.own_begin - state_origin(b), b.own_numel()), 2,
+                                                   std::nullopt, false, at::kDouble);
+    norm_sq.add_(norm.square());
   }
   if (sharded()) dp_->all_reduce(norm_sq, ReduceOp::kSum);  // disjoint shards: sum of squares
   // Every rank must take the same branch: agree on "skip" over dp and cp.

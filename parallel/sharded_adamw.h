@@ -49,7 +49,7 @@ struct AdamWOptions {
   double weight_decay = 0.1;   // decoupled: p -= lr * weight_decay * p
   double grad_clip = 1.0;      // max global L2 norm; <= 0 disables clipping
   bool zero = true;            // shard master weights and moments over dp
-  int64_t bucket_numel = int64_t{1} << 25;  // elements per gradient bucket (fp32 buffer of 128 MiB)
+  int64_t bucket_numel = int64_t{1} << 23;  // elements per gradient bucket (fp32 buffer of 32 MiB)
 };
 
 struct StepResult {
@@ -89,6 +89,19 @@ class ShardedAdamW {
   StepResult step() { return step(options_.lr); }
   void zero_grad();  // releases the parameters' gradients (set to none)
 
+  // Reduces the gradients of the next backward while it runs: each bucket's
+  // reduction starts on the communication stream as soon as its last gradient
+  // has arrived, from the last bucket to the first (the order a backward
+  // produces them), and the backward goes on computing. Call it before the
+  // backward that completes the step's gradients (the last micro-batch's);
+  // the next launch_step() starts what is left and waits for the rest.
+  // Reductions are started in the same bucket order on every rank.
+  void reduce_during_next_backward();
+  // Buckets of the last overlapped step whose reduction started during the
+  // backward (the rest started in launch_step), and the bucket count.
+  int64_t overlapped_buckets() const { return overlapped_buckets_; }
+  int64_t bucket_count() const { return static_cast<int64_t>(layout_->buckets().size()); }
+
   // My shards (with ZeRO: my 1/dp of every bucket; without: everything on dp
   // rank 0 and nothing elsewhere, so the union over dp ranks covers the range once).
   std::vector<ShardState> export_state() const;
@@ -122,6 +135,17 @@ class ShardedAdamW {
     bool decay = true;
   };
   at::Tensor bucket_gradients(const FlatBucket& bucket) const;  // fp32 [padded]
+  // Overlapped reduction (reduce_during_next_backward).
+  struct Reduction {
+    at::Tensor buffer;     // fp32 [padded], kept between steps (padding stays zero)
+    at::Tensor reduced;    // my part of it, reduced over dp (and cp) when complete
+    int64_t missing = 0;   // pieces whose gradient has not arrived
+    bool started = false;
+    P2PBatch dp_flight, cp_flight;
+  };
+  void on_gradient(size_t param, const at::Tensor& grad);
+  void start_reductions(bool all);  // the complete ones in order; all: the rest too
+  std::vector<at::Tensor> finish_reductions();  // each bucket's reduced gradient
   void write_parameters();  // master -> params (all-gather with ZeRO)
   bool sharded() const { return options_.zero && dp_size_ > 1; }
   // Offset of my state within the bucket's coordinates (0 without ZeRO).
@@ -135,6 +159,13 @@ class ShardedAdamW {
   std::unique_ptr<FlatLayout> layout_;
   std::vector<BucketState> state_;
   std::vector<std::vector<DecayRun>> runs_;  // per bucket
+  std::vector<Reduction> reductions_;        // per bucket
+  std::vector<std::vector<std::pair<size_t, FlatPiece>>> param_pieces_;  // per parameter: (bucket, piece)
+  std::vector<uint8_t> arrived_;             // per parameter, during an overlapped backward
+  std::vector<std::pair<at::Tensor, unsigned>> hooks_;  // (parameter, hook handle)
+  bool overlap_armed_ = false;
+  size_t next_start_ = 0;                    // reductions started (last bucket first)
+  int64_t overlapped_buckets_ = 0;
   int64_t step_ = 0;
   at::Tensor device_step_;   // fp32 [1]: the step count the fused kernel reads
   at::Tensor pending_norm_sq_, pending_skip_;  // the launched step's verdict (device)

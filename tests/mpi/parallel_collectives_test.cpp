@@ -218,6 +218,30 @@ TEST(Communicator, RingSendRecvAndCounters) {
   EXPECT_THROW(w.start_p2p({P2POp::send(nc, right)}, "bad"), CommError);
 }
 
+// Collectives returned in flight give the closed forms of the blocking ones
+// after wait() (on CPU they complete at once); bad buffers are refused.
+void check_collectives_in_flight(Communicator& w, const at::TensorOptions& o) {
+  const int n = w.size(), r = w.rank();
+  at::Tensor t = at::arange(1, 1 + (1 << 16), o.dtype(at::kDouble)).to(at::kFloat) * (r + 1);
+  P2PBatch sum = w.start_all_reduce(t, ReduceOp::kSum);
+  constexpr int64_t kPer = 1 << 14;
+  at::Tensor input = at::arange(n * kPer, o.dtype(at::kFloat)) + 1000.0f * r;
+  at::Tensor out = at::empty({kPer}, o.dtype(at::kFloat));
+  P2PBatch scatter = w.start_reduce_scatter(input, out, ReduceOp::kAvg);
+  sum.wait();
+  scatter.wait();
+  const auto cpu = at::TensorOptions().dtype(at::kDouble);
+  EXPECT_TRUE(at::equal(t.cpu().to(at::kDouble), at::arange(1, 1 + (1 << 16), cpu) * (n * (n + 1) / 2)));
+  const at::Tensor expect = 1000.0 * (n - 1) / 2 + at::arange(kPer, cpu) + r * kPer;
+  EXPECT_TRUE(at::allclose(out.cpu().to(at::kDouble), expect)) << out;
+  at::Tensor nc = at::zeros({4, 4}, o.dtype(at::kFloat)).t();
+  EXPECT_THROW(w.start_all_reduce(nc, ReduceOp::kSum), CommError);
+  EXPECT_THROW(w.start_all_reduce(at::zeros({2}, o.dtype(at::kBool)), ReduceOp::kSum), CommError);
+  EXPECT_THROW(w.start_reduce_scatter(input, at::empty({3}, o.dtype(at::kFloat)), ReduceOp::kSum), CommError);
+}
+
+TEST(Communicator, CollectivesInFlight) { check_collectives_in_flight(world_grid().world(), opts(at::kFloat)); }
+
 // NCCL path: CUDA tensors, same closed forms (needs one GPU per rank of this host).
 TEST(Communicator, CudaTensorsGoThroughNccl) {
 #ifdef SSA_WITH_CUDA
@@ -254,6 +278,7 @@ TEST(Communicator, CudaTensorsGoThroughNccl) {
   EXPECT_GT(seconds.at("world_ring_test"), 0.0);
   EXPECT_GT(seconds.at("world_all_reduce"), 0.0);
   EXPECT_EQ(w.comm_bytes().at("world_ring_test"), 2 * (1 << 20) * 4);
+  check_collectives_in_flight(w, cuda(at::kFloat));
 #else
   GTEST_SKIP() << "built without CUDA";
 #endif

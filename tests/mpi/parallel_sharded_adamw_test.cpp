@@ -107,9 +107,20 @@ Data my_rows(const Data& d, const ProcessGrid& grid) {
   return {d.x.narrow(0, first, per), d.y.narrow(0, first, per)};
 }
 
-StepResult distributed_step(ShardedAdamW& opt, const Model& m, const Data& mine, double lr) {
+// overlap: the gradients are reduced during the backward (in two halves, so
+// the earlier one reaches the optimizer through .grad as with micro-batches).
+StepResult distributed_step(ShardedAdamW& opt, const Model& m, const Data& mine, double lr, bool overlap = false) {
   opt.zero_grad();
-  loss_of(m, mine.x, mine.y).backward();
+  if (!overlap) {
+    loss_of(m, mine.x, mine.y).backward();
+    return opt.step(lr);
+  }
+  const int64_t half = mine.x.size(0) / 2, rest = mine.x.size(0) - half;
+  (loss_of(m, mine.x.narrow(0, 0, half), mine.y.narrow(0, 0, half)) * (static_cast<double>(half) / mine.x.size(0)))
+      .backward();
+  opt.reduce_during_next_backward();
+  (loss_of(m, mine.x.narrow(0, half, rest), mine.y.narrow(0, half, rest)) * (static_cast<double>(rest) / mine.x.size(0)))
+      .backward();
   return opt.step(lr);
 }
 
@@ -121,7 +132,7 @@ double max_diff(const Model& a, const Model& b) {
 
 Communicator* group_or_null(Communicator& c) { return c.size() > 1 ? &c : nullptr; }
 
-void check_matches_plain_adamw(int64_t dp, int64_t cp, bool zero) {
+void check_matches_plain_adamw(int64_t dp, int64_t cp, bool zero, bool overlap = false) {
   ProcessGrid grid = ProcessGrid::init(dp, cp);
   const Data data = make_data(21);
   const AdamWOptions o = test_options(zero);
@@ -130,16 +141,20 @@ void check_matches_plain_adamw(int64_t dp, int64_t cp, bool zero) {
   ReferenceAdamW ref(7);
   int clipped = 0;
   for (int s = 0; s < 5; ++s) {
-    const StepResult r = distributed_step(opt, model, my_rows(data, grid), lr_at(s));
+    const StepResult r = distributed_step(opt, model, my_rows(data, grid), lr_at(s), overlap);
     const double norm = ref.update(data, lr_at(s), o);
     EXPECT_TRUE(r.applied);
     EXPECT_NEAR(r.grad_norm, norm, 1e-5 * norm) << "step " << s;
+    // Every parameter receives its gradient in the last backward: every bucket
+    // starts its reduction before the step.
+    if (overlap) EXPECT_EQ(opt.overlapped_buckets(), opt.bucket_count()) << "step " << s;
     clipped += norm > o.grad_clip;
   }
   EXPECT_GE(clipped, 1) << "the test should exercise clipping";
   EXPECT_EQ(opt.step_count(), 5);
   const double d = max_diff(model, ref.model);
-  EXPECT_LE(d, 1e-6) << fmt::format("dp {} cp {} zero {}: max |param - reference| = {}", dp, cp, zero, d);
+  EXPECT_LE(d, 1e-6) << fmt::format("dp {} cp {} zero {} overlap {}: max |param - reference| = {}", dp, cp, zero,
+                                     overlap, d);
   EXPECT_GT(max_diff(model, make_model(7)), 1e-3) << "the parameters should have moved";
 }
 
@@ -148,6 +163,14 @@ TEST(ShardedAdamW, ReplicatedOverDpMatchesPlainAdamW) { check_matches_plain_adam
 TEST(ShardedAdamW, ZeroOverDpAndCpMatchesPlainAdamW) {
   if (test::world_size() % 2 != 0) GTEST_SKIP() << "needs an even number of ranks";
   check_matches_plain_adamw(test::world_size() / 2, 2, true);
+}
+
+TEST(ShardedAdamW, ReductionDuringBackwardMatchesPlainAdamW) {
+  const int n = test::world_size();
+  check_matches_plain_adamw(n, 1, true, true);
+  check_matches_plain_adamw(n, 1, false, true);
+  check_matches_plain_adamw(1, n, false, true);
+  if (n % 2 == 0) check_matches_plain_adamw(n / 2, 2, true, true);
 }
 
 TEST(ShardedAdamW, NonFiniteGradientChangesNothingOnAnyRank) {
