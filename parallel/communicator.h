@@ -21,12 +21,6 @@
 #include <string>
 #include <vector>
 
-#ifdef SSA_WITH_CUDA
-namespace at::cuda {
-struct CUDAEvent;
-}
-#endif
-
 namespace ssa::parallel {
 
 enum class ReduceOp { kSum, kAvg, kMax };
@@ -147,7 +141,7 @@ class Communicator {
   P2PBatch nccl_start_p2p(std::vector<P2POp> ops, const std::string& op_name);
   P2PBatch nccl_start_all_reduce(const at::Tensor& tensor, ReduceOp op);
   P2PBatch nccl_start_reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op);
-  P2PBatch nccl_in_flight(const std::string& op, std::vector<at::Tensor> tensors, at::cuda::CUDAEvent done);
+  static P2PBatch in_flight(std::unique_ptr<P2PBatch::State> state);
   void flush_nccl_timings();
 #endif
   void destroy_nccl();

@@ -194,18 +194,28 @@ void Communicator::nccl_broadcast(const at::Tensor& tensor, int root) {
   record("broadcast", 0.0, nbytes(tensor));
 }
 
-P2PBatch Communicator::nccl_in_flight(const std::string& op, std::vector<at::Tensor> tensors, at::cuda::CUDAEvent done) {
-  auto state = std::make_unique<P2PBatch::State>();
-  state->comm = this;
-  state->op = op;
-  state->cuda = true;
-  state->device = nccl_->device;
-  state->done.emplace(std::move(done));
-  state->tensors = std::move(tensors);
+P2PBatch Communicator::in_flight(std::unique_ptr<P2PBatch::State> state) {
   P2PBatch batch;
   batch.state_ = std::move(state);
   return batch;
 }
+
+namespace {
+
+// The batch of a collective queued by enqueue_on_side_stream.
+std::unique_ptr<P2PBatch::State> collective_state(Communicator* comm, int device, const std::string& op,
+                                                  std::vector<at::Tensor> tensors, at::cuda::CUDAEvent done) {
+  auto state = std::make_unique<P2PBatch::State>();
+  state->comm = comm;
+  state->op = op;
+  state->cuda = true;
+  state->device = device;
+  state->done.emplace(std::move(done));
+  state->tensors = std::move(tensors);
+  return state;
+}
+
+}  // namespace
 
 P2PBatch Communicator::nccl_start_all_reduce(const at::Tensor& tensor, ReduceOp op) {
   ensure_device(tensor.device());
@@ -214,7 +224,7 @@ P2PBatch Communicator::nccl_start_all_reduce(const at::Tensor& tensor, ReduceOp 
                                  nccl_type(tensor.scalar_type()), nccl_op(op), comm, stream));
   });
   record("all_reduce", 0.0, nbytes(tensor));
-  return nccl_in_flight("all_reduce", {tensor}, std::move(done));
+  return in_flight(collective_state(this, nccl_->device, "all_reduce", {tensor}, std::move(done)));
 }
 
 P2PBatch Communicator::nccl_start_reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op) {
@@ -225,7 +235,7 @@ P2PBatch Communicator::nccl_start_reduce_scatter(const at::Tensor& input, const 
                                          nccl_type(input.scalar_type()), nccl_op(op), comm, stream));
       });
   record("reduce_scatter", 0.0, nbytes(input));
-  return nccl_in_flight("reduce_scatter", {input, output}, std::move(done));
+  return in_flight(collective_state(this, nccl_->device, "reduce_scatter", {input, output}, std::move(done)));
 }
 
 P2PBatch Communicator::nccl_start_p2p(std::vector<P2POp> ops, const std::string& op_name) {
