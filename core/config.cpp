@@ -52,6 +52,9 @@ void OptimizerConfig::visit(FieldVisitor& v) {
   v.real("weight_decay", weight_decay, 0.0, 10.0, "decoupled weight decay");
   v.real("grad_clip", grad_clip, 0.0, 1e9, "global gradient-norm clip; 0 disables");
   v.boolean("zero", zero, "shard master weights and moments over dp");
+  v.integer("bucket_mb", bucket_mb, 1, 1 << 16, "MiB of fp32 gradients per reduction bucket");
+  v.boolean("overlap_reduction", overlap_reduction,
+            "reduce each gradient bucket during the backward as soon as it is complete");
 }
 
 void ScheduleConfig::visit(FieldVisitor& v) {

@@ -140,6 +140,7 @@ void Trainer::start() {
   adam.weight_decay = config_.optimizer.weight_decay;
   adam.grad_clip = config_.optimizer.grad_clip;
   adam.zero = config_.optimizer.zero;
+  adam.bucket_numel = config_.optimizer.bucket_mb * (int64_t{1} << 20) / 4;
   optimizer_ = std::make_unique<parallel::ShardedAdamW>(optimizer_parameters(*model_), adam,
                                                         group_or_null(grid_.dp_group()),
                                                         group_or_null(grid_.cp_group()));
@@ -302,7 +303,8 @@ StepLosses Trainer::train_step(const data::Batch& batch) {
     auto loss = ce;
     if (mode_ == AttentionMode::kSsa)
       loss = ce + config_.ssa.alpha * (result.sparsity_loss + result.commitment_loss);
-    if (m + 1 == n_micro) optimizer_->reduce_during_next_backward();  // the step's gradients complete here
+    // The step's gradients complete in the last micro-batch's backward.
+    if (m + 1 == n_micro && config_.optimizer.overlap_reduction) optimizer_->reduce_during_next_backward();
     (loss / static_cast<double>(n_micro)).backward();
     sums += at::stack({loss.detach(), ce.detach(), result.sparsity_loss.detach(), result.commitment_loss.detach()})
                 .to(at::kDouble);
