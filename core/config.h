@@ -76,7 +76,7 @@ struct OptimizerConfig {
   double weight_decay = 0.1;
   double grad_clip = 1.0;
   bool zero = true;
-  int64_t bucket_mb = 32;          // fp32 gradient bucket size
+  int64_t bucket_mb = 128;         // fp32 gradient bucket size
   bool overlap_reduction = true;   // reduce buckets during the backward
   void visit(FieldVisitor& v);
 };

@@ -49,7 +49,7 @@ struct AdamWOptions {
   double weight_decay = 0.1;   // decoupled: p -= lr * weight_decay * p
   double grad_clip = 1.0;      // max global L2 norm; <= 0 disables clipping
   bool zero = true;            // shard master weights and moments over dp
-  int64_t bucket_numel = int64_t{1} << 23;  // elements per gradient bucket (fp32 buffer of 32 MiB)
+  int64_t bucket_numel = int64_t{1} << 25;  // elements per gradient bucket (fp32 buffer of 128 MiB)
 };
 
 struct StepResult {
