@@ -28,6 +28,10 @@ kernels::AttentionResult attend_item(const RingSetup& s, const WorkItem& w, cons
 
 }  // namespace
 
+bool full_on_prefix(const RingSetup& setup) {
+  return setup.request.full && setup.request.sparse && setup.transport == SparseTransport::kRing;
+}
+
 std::vector<WorkItem> ring_work(const RingSetup& setup, int64_t src) {
   const ZigzagLayout& z = setup.layout;
   const int64_t c = z.chunk, r = z.rank;
@@ -76,8 +80,14 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
   const ZigzagLayout& z = setup.layout;
   const int64_t b = q.size(0), rows = q.size(1), hq = q.size(2), d = q.size(3);
   const auto acc = q.options().dtype(accumulation_type(q.scalar_type()));
+  // With the sparse stream on the ring, the whole sequence's K/V is assembled
+  // anyway: the full stream then computes only its diagonal items (each local q
+  // chunk on its own K/V chunk) while the K/V travel, and after the ring one
+  // unmasked call per q chunk over every earlier chunk (a contiguous prefix of
+  // the assembled K/V): fewer, larger calls and at most one merge per chunk.
+  const bool prefix_full = full_on_prefix(setup);
   std::optional<PartialSum> full, sparse;
-  if (setup.request.full) full.emplace(b, rows, hq, d, acc);
+  if (setup.request.full) full.emplace(b, rows, hq, d, acc, /*empty=*/!prefix_full);
   // Merged per part only with the selected-block transport (the ring's sparse
   // stream runs once over the assembled K/V).
   if (setup.request.sparse && setup.transport == SparseTransport::kSelectedBlocks) {
@@ -125,14 +135,32 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
           out.v_all.narrow(1, g * z.chunk, z.chunk).copy_(cur_v.narrow(1, slot * z.chunk, z.chunk));
         }
       }
-      for (const WorkItem& w : ring_work(setup, src)) {  // full-stream items only
-        full->add(w.q_row, attend_item(setup, w, q.narrow(1, w.q_row, w.q_len), cur_k.narrow(1, w.kv_row, w.kv_len),
-                                       cur_v.narrow(1, w.kv_row, w.kv_len)));
+      if (prefix_full) {
+        if (step == 0) {  // my chunks on themselves: the first part of every row
+          for (int64_t a = 0; a < 2; ++a) {
+            const int64_t row = a * z.chunk;
+            full->set(row, kernels::full_attention(q.narrow(1, row, z.chunk), cur_k.narrow(1, row, z.chunk),
+                                                   cur_v.narrow(1, row, z.chunk), z.position(a), z.position(a)));
+          }
+        }
+      } else {
+        for (const WorkItem& w : ring_work(setup, src)) {  // full-stream items only
+          full->add(w.q_row, attend_item(setup, w, q.narrow(1, w.q_row, w.q_len), cur_k.narrow(1, w.kv_row, w.kv_len),
+                                         cur_v.narrow(1, w.kv_row, w.kv_len)));
+        }
       }
       next.wait();
       if (next_k.defined()) {
         cur_k = next_k;
         cur_v = next_v;
+      }
+    }
+    if (prefix_full) {
+      for (int64_t a = 0; a < 2; ++a) {
+        const int64_t keys = z.position(a);  // every chunk before mine, all visible
+        if (keys == 0) continue;
+        full->add(a * z.chunk, kernels::full_attention(q.narrow(1, a * z.chunk, z.chunk), out.k_all.narrow(1, 0, keys),
+                                                       out.v_all.narrow(1, 0, keys), keys, 0));
       }
     }
     if (gather) {
@@ -222,13 +250,19 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     // summing every rank's share on the way. Every rank runs every transfer,
     // with or without work or gradients.
     const int left = static_cast<int>((z.rank - 1 + z.cp) % z.cp), right = static_cast<int>((z.rank + 1) % z.cp);
-    // Sparse stream: its gradients against the whole sequence's K/V (kept from the
-    // forward) at once; the rows of each visiting chunk join that chunk's dK/dV
-    // on their way to the owner.
+    // With the K/V kept from the forward, everything that lands on other ranks'
+    // chunks is computed first against the whole sequence's K/V (the sparse
+    // stream, and the full stream's prefix calls), into dk_all/dv_all; the rows of
+    // each rank's chunks then travel to their owner while I compute my diagonal
+    // items, which touch only my own chunks.
+    const bool kept = outputs.k_all.defined();
+    const bool prefix_full = full_on_prefix(setup) && g_full.defined();
     at::Tensor dk_all, dv_all;  // [B, S, Hkv, D] acc dtype
-    if (setup.request.sparse && g_sparse.defined()) {
+    if (kept) {
       dk_all = at::zeros(outputs.k_all.sizes(), acc);
       dv_all = at::zeros(outputs.v_all.sizes(), acc);
+    }
+    if (kept && setup.request.sparse && g_sparse.defined()) {
       for (int64_t a = 0; a < 2; ++a) {
         const int64_t rows = a * z.chunk, keys = (z.global_chunk(a) + 1) * z.chunk;
         const kernels::AttentionGrads sg = kernels::sparse_attention_backward(
@@ -241,50 +275,77 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
         dv_all.narrow(1, 0, keys).add_(sg.dv);
       }
     }
-    // Accumulator of src's chunks: the sparse stream's share of them, or zeros.
-    auto start_accumulator = [&](int64_t src, const at::Tensor& like_k, const at::Tensor& like_v) {
-      if (!dk_all.defined()) return std::make_pair(at::zeros(like_k.sizes(), acc), at::zeros(like_v.sizes(), acc));
-      const int64_t g0 = z.global_chunk(src, 0), g1 = z.global_chunk(src, 1), c = z.chunk;
-      return std::make_pair(at::cat({dk_all.narrow(1, g0 * c, c), dk_all.narrow(1, g1 * c, c)}, 1),
-                            at::cat({dv_all.narrow(1, g0 * c, c), dv_all.narrow(1, g1 * c, c)}, 1));
+    if (prefix_full) {
+      for (int64_t a = 0; a < 2; ++a) {
+        const int64_t rows = a * z.chunk, keys = z.position(a);
+        if (keys == 0) continue;
+        const kernels::AttentionGrads pg = kernels::full_attention_backward(
+            g_full.narrow(1, rows, z.chunk), q.narrow(1, rows, z.chunk), outputs.k_all.narrow(1, 0, keys),
+            outputs.v_all.narrow(1, 0, keys), outputs.out_full.narrow(1, rows, z.chunk),
+            outputs.lse_full.narrow(2, rows, z.chunk), keys, 0);
+        dq.narrow(1, rows, z.chunk).add_(pg.dq);
+        dk_all.narrow(1, 0, keys).add_(pg.dk);
+        dv_all.narrow(1, 0, keys).add_(pg.dv);
+      }
+    }
+    // The rows of src's two chunks in dk_all/dv_all.
+    auto rows_of = [&](const at::Tensor& all, int64_t src) {
+      const int64_t c = z.chunk;
+      return at::cat({all.narrow(1, z.global_chunk(src, 0) * c, c), all.narrow(1, z.global_chunk(src, 1) * c, c)}, 1);
     };
     P2PBatch dkv_batch;
     at::Tensor in_dk, in_dv;
-    if (outputs.k_all.defined()) {
-      // The forward kept the whole sequence's K/V: no rotation, and the visiting
-      // order can put my own chunks last. Step s works on the chunks of rank
-      // r-1-s; their accumulator arrives from the left (where it was at step
-      // s-1) and leaves to the right, so it reaches its owner at step cp-1, when
-      // the owner works on its own chunks (the heaviest items, with the
-      // diagonals): the last hop travels behind that compute instead of after
-      // it, and each gradient makes cp-1 hops instead of cp.
-      for (int64_t step = 0; step < z.cp; ++step) {
+    if (kept) {
+      // No rotation: step s passes on the accumulator of rank r-1-s's chunks. It
+      // arrives from the left (where it was at step s-1) and leaves to the right,
+      // so it reaches its owner at step cp-1; each gradient makes cp-1 hops, and
+      // my diagonal items run while the first hop travels.
+      at::Tensor own_dk = rows_of(dk_all, z.rank), own_dv = rows_of(dv_all, z.rank);
+      auto diagonal = [&] {
+        if (prefix_full) {
+          for (int64_t a = 0; a < 2; ++a) {
+            const int64_t rows = a * z.chunk;
+            const kernels::AttentionGrads pg = kernels::full_attention_backward(
+                g_full.narrow(1, rows, z.chunk), q.narrow(1, rows, z.chunk), k.narrow(1, rows, z.chunk),
+                v.narrow(1, rows, z.chunk), outputs.out_full.narrow(1, rows, z.chunk),
+                outputs.lse_full.narrow(2, rows, z.chunk), z.position(a), z.position(a));
+            dq.narrow(1, rows, z.chunk).add_(pg.dq);
+            own_dk.narrow(1, rows, z.chunk).add_(pg.dk);
+            own_dv.narrow(1, rows, z.chunk).add_(pg.dv);
+          }
+        } else {  // the full stream without a gradient, or not requested: its ring items
+          for (const WorkItem& w : ring_work(setup, z.rank)) accumulate(w, k, v, own_dk, own_dv);
+        }
+      };
+      for (int64_t step = 0; step + 1 < z.cp; ++step) {
         const int64_t src = ((z.rank - 1 - step) % z.cp + z.cp) % z.cp;
-        const int64_t g0 = z.global_chunk(src, 0), g1 = z.global_chunk(src, 1), c = z.chunk;
-        const at::Tensor src_k = src == z.rank ? k.contiguous()
-                                               : at::cat({outputs.k_all.narrow(1, g0 * c, c),
-                                                          outputs.k_all.narrow(1, g1 * c, c)}, 1);
-        const at::Tensor src_v = src == z.rank ? v.contiguous()
-                                               : at::cat({outputs.v_all.narrow(1, g0 * c, c),
-                                                          outputs.v_all.narrow(1, g1 * c, c)}, 1);
-        auto [acc_dk, acc_dv] = start_accumulator(src, src_k, src_v);
-        for (const WorkItem& w : ring_work(setup, src)) accumulate(w, src_k, src_v, acc_dk, acc_dv);
+        at::Tensor acc_dk = rows_of(dk_all, src), acc_dv = rows_of(dv_all, src);
+        if (!prefix_full) {  // the full stream's ring items on src's chunks, if it has a gradient
+          const int64_t g0 = z.global_chunk(src, 0), g1 = z.global_chunk(src, 1), c = z.chunk;
+          const at::Tensor src_k = at::cat({outputs.k_all.narrow(1, g0 * c, c), outputs.k_all.narrow(1, g1 * c, c)}, 1);
+          const at::Tensor src_v = at::cat({outputs.v_all.narrow(1, g0 * c, c), outputs.v_all.narrow(1, g1 * c, c)}, 1);
+          for (const WorkItem& w : ring_work(setup, src)) accumulate(w, src_k, src_v, acc_dk, acc_dv);
+        }
         if (step > 0) {  // what the ranks before me added for src's chunks
           dkv_batch.wait();
           acc_dk.add_(in_dk);
           acc_dv.add_(in_dv);
-        }
-        if (step + 1 == z.cp) {  // src == my rank: complete
-          dk = acc_dk;
-          dv = acc_dv;
-          break;
         }
         in_dk = at::empty_like(acc_dk);
         in_dv = at::empty_like(acc_dv);
         dkv_batch = setup.comm->start_p2p({P2POp::send(acc_dk, right, kTagDkv), P2POp::send(acc_dv, right, kTagDkv),
                                            P2POp::recv(in_dk, left, kTagDkv), P2POp::recv(in_dv, left, kTagDkv)},
                                           "ring_dkv");
+        if (step == 0) diagonal();
       }
+      if (z.cp == 1) diagonal();
+      dkv_batch.wait();  // the sums of every other rank's share of my chunks
+      if (in_dk.defined()) {
+        own_dk.add_(in_dk);
+        own_dv.add_(in_dv);
+      }
+      dk = own_dk;
+      dv = own_dv;
     } else {
       // The K/V rotate again as in the forward, starting from my own; the fp32
       // dK/dV of the chunk being visited travel one hop behind them, so each
@@ -301,7 +362,7 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
                                         P2POp::recv(next_k, left, kTagKv), P2POp::recv(next_v, left, kTagKv)},
                                        "ring_kv");
         }
-        auto [acc_dk, acc_dv] = start_accumulator(src, cur_k, cur_v);
+        at::Tensor acc_dk = at::zeros(cur_k.sizes(), acc), acc_dv = at::zeros(cur_v.sizes(), acc);
         for (const WorkItem& w : ring_work(setup, src)) accumulate(w, cur_k, cur_v, acc_dk, acc_dv);
         if (step > 0) {  // what the ranks before me added for this chunk
           dkv_batch.wait();

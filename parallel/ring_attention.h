@@ -51,6 +51,11 @@ struct WorkItem {
   bool compact = false;          // reads the compact selected-block buffer
 };
 
+// Both streams on the ring: the K/V are assembled for the sparse stream, and the
+// full stream runs on them as diagonal items plus one call per q chunk over the
+// prefix of earlier chunks (instead of ring_work's items per visiting chunk).
+bool full_on_prefix(const RingSetup& setup);
+
 // The full stream's calls for the K/V of cp rank `src` (both its chunks, rows
 // [0, 2c)). The sparse stream on the ring runs once over the assembled K/V.
 std::vector<WorkItem> ring_work(const RingSetup& setup, int64_t src);
