@@ -115,32 +115,49 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
       out.k_all = at::empty({b, z.chunks() * z.chunk, k.size(2), d}, k.options());
       out.v_all = at::empty_like(out.k_all);
     }
+    // One sequence per call (the long-context case): the chunks travel straight
+    // between their places in the assembled K/V (contiguous there), no copies.
+    const bool in_place = gather && b == 1;
+    auto chunk_of = [&](const at::Tensor& all, int64_t src, int64_t slot) {
+      return all.narrow(1, z.global_chunk(src, slot) * z.chunk, z.chunk);
+    };
     for (int64_t step = 0; step < z.cp; ++step) {
       const int64_t src = (z.rank - step + z.cp) % z.cp;
+      if (gather && (step == 0 || !in_place)) {
+        for (int64_t slot = 0; slot < 2; ++slot) {
+          chunk_of(out.k_all, src, slot).copy_(cur_k.narrow(1, slot * z.chunk, z.chunk));
+          chunk_of(out.v_all, src, slot).copy_(cur_v.narrow(1, slot * z.chunk, z.chunk));
+        }
+      }
       // Post the next chunk's transfer before computing on the current one.
       P2PBatch next;
       at::Tensor next_k, next_v;
       if (step + 1 < z.cp) {
-        next_k = at::empty_like(cur_k);
-        next_v = at::empty_like(cur_v);
         out.ring_bytes += nbytes(cur_k) + nbytes(cur_v);
-        next = setup.comm->start_p2p({P2POp::send(cur_k, right, kTagKv), P2POp::send(cur_v, right, kTagKv),
-                                      P2POp::recv(next_k, left, kTagKv), P2POp::recv(next_v, left, kTagKv)},
-                                     "ring_kv");
-      }
-      if (gather) {
-        for (int64_t slot = 0; slot < 2; ++slot) {
-          const int64_t g = z.global_chunk(src, slot);
-          out.k_all.narrow(1, g * z.chunk, z.chunk).copy_(cur_k.narrow(1, slot * z.chunk, z.chunk));
-          out.v_all.narrow(1, g * z.chunk, z.chunk).copy_(cur_v.narrow(1, slot * z.chunk, z.chunk));
+        if (in_place) {
+          const int64_t from = (src - 1 + z.cp) % z.cp;  // what my left neighbour holds now
+          std::vector<P2POp> ops;
+          for (const at::Tensor* all : {&out.k_all, &out.v_all}) {
+            for (int64_t slot = 0; slot < 2; ++slot) {
+              ops.push_back(P2POp::send(chunk_of(*all, src, slot), right, kTagKv));
+              ops.push_back(P2POp::recv(chunk_of(*all, from, slot), left, kTagKv));
+            }
+          }
+          next = setup.comm->start_p2p(std::move(ops), "ring_kv");
+        } else {
+          next_k = at::empty_like(cur_k);
+          next_v = at::empty_like(cur_v);
+          next = setup.comm->start_p2p({P2POp::send(cur_k, right, kTagKv), P2POp::send(cur_v, right, kTagKv),
+                                        P2POp::recv(next_k, left, kTagKv), P2POp::recv(next_v, left, kTagKv)},
+                                       "ring_kv");
         }
       }
       if (prefix_full) {
         if (step == 0) {  // my chunks on themselves: the first part of every row
           for (int64_t a = 0; a < 2; ++a) {
             const int64_t row = a * z.chunk;
-            full->set(row, kernels::full_attention(q.narrow(1, row, z.chunk), cur_k.narrow(1, row, z.chunk),
-                                                   cur_v.narrow(1, row, z.chunk), z.position(a), z.position(a)));
+            full->set(row, kernels::full_attention(q.narrow(1, row, z.chunk), k.narrow(1, row, z.chunk),
+                                                   v.narrow(1, row, z.chunk), z.position(a), z.position(a)));
           }
         }
       } else {

@@ -157,6 +157,7 @@ TEST(ContextAttention, TokenSelectionMatchesOneRank) {
   opts.block_size = 4;
   opts.top_k = 3;
   check_against_one_rank(Shape{}, opts, 11);
+  check_against_one_rank(Shape{1, 64, 4, 2, 8}, opts, 13);  // one sequence: K/V received in place
 }
 
 TEST(ContextAttention, QueryBlockSelectionMatchesOneRank) {
@@ -177,6 +178,7 @@ TEST(ContextAttention, CudaMatchesOneRank) {
   opts.block_size = 4;
   opts.top_k = 3;
   check_against_one_rank(Shape{}, opts, 16, at::kCUDA);
+  check_against_one_rank(Shape{1, 64, 4, 2, 8}, opts, 17, at::kCUDA);  // K/V received in place
 #else
   GTEST_SKIP() << "built without CUDA";
 #endif
