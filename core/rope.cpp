@@ -1,5 +1,7 @@
 #include "core/rope.h"
 
+#include "kernels/rotary.h"
+
 namespace ssa::core {
 
 RotaryTable rotary_table(const at::Tensor& positions, int64_t head_dim, double theta, double scaling) {
@@ -13,14 +15,7 @@ RotaryTable rotary_table(const at::Tensor& positions, int64_t head_dim, double t
 }
 
 at::Tensor apply_rotary(const at::Tensor& x, const RotaryTable& table) {
-  const int64_t half = x.size(-1) / 2;
-  auto xf = x.to(at::kFloat);
-  auto x1 = xf.narrow(-1, 0, half);
-  auto x2 = xf.narrow(-1, half, half);
-  // cos/sin: [S, D/2] -> [1, S, 1, D/2] to broadcast over batch and heads.
-  auto cos = table.cos.unsqueeze(0).unsqueeze(2);
-  auto sin = table.sin.unsqueeze(0).unsqueeze(2);
-  return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1).to(x.scalar_type());
+  return kernels::rotate_pairs(x, table.cos, table.sin);
 }
 
 }  // namespace ssa::core

@@ -27,6 +27,9 @@ AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const a
 // kernels::merge_into for fp32 CUDA accumulators; false (nothing done) when the
 // inputs do not fit the kernel (then the caller uses the ATen formula).
 bool merge_into(at::Tensor& acc_out, at::Tensor& acc_lse, const AttentionResult& part);
+// x rotated by cos/sin as kernels::rotate_pairs (inverse: the other way), with
+// no autograd; undefined when the inputs do not fit the kernel.
+at::Tensor rotate_pairs(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse);
 #endif
 
 }  // namespace ssa::kernels::cuda

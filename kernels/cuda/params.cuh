@@ -190,4 +190,19 @@ struct MergeParams {
 };
 cudaError_t launch_merge_partial(const MergeParams& p, cudaStream_t stream);
 
+// Rotary embedding of x [B, S, H, D] (contiguous; x and y bf16 or both fp32) by
+// the angles of cos/sin [S, D/2] fp32: y1 = x1 c - x2 s, y2 = x2 c + x1 s on the
+// halves; inverse (the backward) rotates the other way (s -> -s).
+struct RotaryParams {
+  int64_t tokens = 0;  // B * S
+  int seq = 0, heads = 0, half = 0;
+  const void* x = nullptr;
+  void* y = nullptr;
+  bool bf16 = true;
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  bool inverse = false;
+};
+cudaError_t launch_rotary(const RotaryParams& p, cudaStream_t stream);
+
 }  // namespace ssa::kernels::cuda

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "kernels/attention.h"
+#include "kernels/rotary.h"
 #include "kernels_gpu_support.h"
 
 namespace ssa::kernels {
@@ -99,6 +100,34 @@ TEST(CudaFullAttention, FusedMergeMatchesTheFormula) {
     EXPECT_TRUE(at::allclose(lse_gpu.cpu().masked_select(finite), lse_cpu.masked_select(finite), 1e-5, 1e-5));
     EXPECT_TRUE(at::equal(out_gpu.narrow(1, 0, row0).cpu(), out_cpu.narrow(1, 0, row0)));  // rows outside untouched
   }
+}
+
+// The fused rotary kernel against the ATen formula on the CPU: forward in bf16
+// and fp32, and the gradient (the inverse rotation) under autograd; fp16 takes
+// the formula on the GPU.
+TEST(CudaRotary, FusedRotationMatchesTheFormula) {
+  SSA_REQUIRE_GPU();
+  at::manual_seed(10);
+  const int64_t b = 2, s = 37, h = 3, d = 64;
+  const at::Tensor angles = at::rand({s, d / 2}, at::kDouble) * 50.0;
+  const at::Tensor cos = angles.cos().to(at::kFloat), sin = angles.sin().to(at::kFloat);
+  for (const at::ScalarType type : {at::kBFloat16, at::kFloat, at::kHalf}) {
+    const at::Tensor x = at::randn({b, s, h, d}).to(type);
+    const at::Tensor dy = at::randn({b, s, h, d}).to(type);
+    const at::Tensor xg = x.to(gpu(type)).requires_grad_(true);
+    const at::Tensor y = rotate_pairs(xg, cos.to(gpu(at::kFloat)), sin.to(gpu(at::kFloat)));
+    const at::Tensor dx = torch::autograd::grad({(y.to(at::kFloat) * dy.to(gpu(at::kFloat))).sum()}, {xg})[0];
+    const at::Tensor xc = x.to(at::kFloat).requires_grad_(true);
+    const at::Tensor yc = rotate_pairs_reference(xc, cos, sin);
+    const at::Tensor dxc = torch::autograd::grad({(yc * dy.to(at::kFloat)).sum()}, {xc})[0];
+    const double tol = type == at::kFloat ? 1e-5 : 1e-2;
+    EXPECT_EQ(y.scalar_type(), type);
+    EXPECT_LT(relative_error(y.cpu(), yc), tol) << c10::toString(type);
+    EXPECT_LT(relative_error(dx.cpu(), dxc), tol) << c10::toString(type);
+  }
+  // Wrong table shapes are refused with the expected shape named.
+  const at::Tensor x = at::randn({b, s, h, d}, gpu(at::kBFloat16));
+  EXPECT_THROW(rotate_pairs(x, cos.narrow(0, 0, 5).cuda(), sin.narrow(0, 0, 5).cuda()), c10::Error);
 }
 
 }  // namespace
