@@ -18,6 +18,17 @@ constexpr int kTagDkv = 2;
 
 int64_t nbytes(const at::Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }
 
+// Sends a and b to the right neighbour and receives a pair shaped like them from
+// the left one into *in_a, *in_b.
+P2PBatch pass_pair(Communicator& comm, int left, int right, const at::Tensor& a, const at::Tensor& b, at::Tensor* in_a,
+                   at::Tensor* in_b, int tag, const char* op) {
+  *in_a = at::empty_like(a);
+  *in_b = at::empty_like(b);
+  return comm.start_p2p({P2POp::send(a, right, tag), P2POp::send(b, right, tag), P2POp::recv(*in_a, left, tag),
+                         P2POp::recv(*in_b, left, tag)},
+                        op);
+}
+
 kernels::AttentionResult attend_item(const RingSetup& s, const WorkItem& w, const at::Tensor& q, const at::Tensor& k,
                                      const at::Tensor& v) {
   if (!w.sparse) return kernels::full_attention(q, k, v, w.q_pos, w.k_pos);
@@ -145,11 +156,7 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
           }
           next = setup.comm->start_p2p(std::move(ops), "ring_kv");
         } else {
-          next_k = at::empty_like(cur_k);
-          next_v = at::empty_like(cur_v);
-          next = setup.comm->start_p2p({P2POp::send(cur_k, right, kTagKv), P2POp::send(cur_v, right, kTagKv),
-                                        P2POp::recv(next_k, left, kTagKv), P2POp::recv(next_v, left, kTagKv)},
-                                       "ring_kv");
+          next = pass_pair(*setup.comm, left, right, cur_k, cur_v, &next_k, &next_v, kTagKv, "ring_kv");
         }
       }
       if (prefix_full) {
@@ -312,6 +319,16 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     };
     P2PBatch dkv_batch;
     at::Tensor in_dk, in_dv;
+    // One hop of an accumulator: adds what the ranks before me sent for it (from
+    // the second hop on) and passes it to the right, receiving the next one.
+    auto pass_on = [&](int64_t step, at::Tensor& acc_dk, at::Tensor& acc_dv) {
+      if (step > 0) {
+        dkv_batch.wait();
+        acc_dk.add_(in_dk);
+        acc_dv.add_(in_dv);
+      }
+      dkv_batch = pass_pair(*setup.comm, left, right, acc_dk, acc_dv, &in_dk, &in_dv, kTagDkv, "ring_dkv");
+    };
     if (kept) {
       // No rotation: step s passes on the accumulator of rank r-1-s's chunks. It
       // arrives from the left (where it was at step s-1) and leaves to the right,
@@ -338,21 +355,10 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
         const int64_t src = ((z.rank - 1 - step) % z.cp + z.cp) % z.cp;
         at::Tensor acc_dk = rows_of(dk_all, src), acc_dv = rows_of(dv_all, src);
         if (!prefix_full) {  // the full stream's ring items on src's chunks, if it has a gradient
-          const int64_t g0 = z.global_chunk(src, 0), g1 = z.global_chunk(src, 1), c = z.chunk;
-          const at::Tensor src_k = at::cat({outputs.k_all.narrow(1, g0 * c, c), outputs.k_all.narrow(1, g1 * c, c)}, 1);
-          const at::Tensor src_v = at::cat({outputs.v_all.narrow(1, g0 * c, c), outputs.v_all.narrow(1, g1 * c, c)}, 1);
+          const at::Tensor src_k = rows_of(outputs.k_all, src), src_v = rows_of(outputs.v_all, src);
           for (const WorkItem& w : ring_work(setup, src)) accumulate(w, src_k, src_v, acc_dk, acc_dv);
         }
-        if (step > 0) {  // what the ranks before me added for src's chunks
-          dkv_batch.wait();
-          acc_dk.add_(in_dk);
-          acc_dv.add_(in_dv);
-        }
-        in_dk = at::empty_like(acc_dk);
-        in_dv = at::empty_like(acc_dv);
-        dkv_batch = setup.comm->start_p2p({P2POp::send(acc_dk, right, kTagDkv), P2POp::send(acc_dv, right, kTagDkv),
-                                           P2POp::recv(in_dk, left, kTagDkv), P2POp::recv(in_dv, left, kTagDkv)},
-                                          "ring_dkv");
+        pass_on(step, acc_dk, acc_dv);
         if (step == 0) diagonal();
       }
       if (z.cp == 1) diagonal();
@@ -373,24 +379,11 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
         P2PBatch next;
         at::Tensor next_k, next_v;
         if (step + 1 < z.cp) {
-          next_k = at::empty_like(cur_k);
-          next_v = at::empty_like(cur_v);
-          next = setup.comm->start_p2p({P2POp::send(cur_k, right, kTagKv), P2POp::send(cur_v, right, kTagKv),
-                                        P2POp::recv(next_k, left, kTagKv), P2POp::recv(next_v, left, kTagKv)},
-                                       "ring_kv");
+          next = pass_pair(*setup.comm, left, right, cur_k, cur_v, &next_k, &next_v, kTagKv, "ring_kv");
         }
         at::Tensor acc_dk = at::zeros(cur_k.sizes(), acc), acc_dv = at::zeros(cur_v.sizes(), acc);
         for (const WorkItem& w : ring_work(setup, src)) accumulate(w, cur_k, cur_v, acc_dk, acc_dv);
-        if (step > 0) {  // what the ranks before me added for this chunk
-          dkv_batch.wait();
-          acc_dk.add_(in_dk);
-          acc_dv.add_(in_dv);
-        }
-        in_dk = at::empty_like(acc_dk);
-        in_dv = at::empty_like(acc_dv);
-        dkv_batch = setup.comm->start_p2p({P2POp::send(acc_dk, right, kTagDkv), P2POp::send(acc_dv, right, kTagDkv),
-                                           P2POp::recv(in_dk, left, kTagDkv), P2POp::recv(in_dv, left, kTagDkv)},
-                                          "ring_dkv");
+        pass_on(step, acc_dk, acc_dv);
         next.wait();
         if (next_k.defined()) {
           cur_k = next_k;
