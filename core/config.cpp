@@ -54,7 +54,8 @@ void OptimizerConfig::visit(FieldVisitor& v) {
   v.boolean("zero", zero, "shard master weights and moments over dp");
   v.integer("bucket_mb", bucket_mb, 1, 1 << 16, "MiB of fp32 gradients per reduction bucket");
   v.boolean("overlap_reduction", overlap_reduction,
-            "reduce each gradient bucket during the backward as soon as it is complete");
+            "reduce each gradient bucket during the backward as soon as it is complete (keeps the fp32 "
+            "buckets allocated between steps: 4 bytes per parameter)");
 }
 
 void ScheduleConfig::visit(FieldVisitor& v) {
