@@ -64,12 +64,22 @@ const Case kCases[] = {
 
 std::string label(const Case& c, const char* what) { return std::string(c.name) + ": " + what; }
 
+// Random inputs of a case and the autograd reference on them.
+struct CaseRun {
+  at::Tensor q, k, v, dout;
+  Whole want;
+};
+CaseRun run_case(const Case& c) {
+  CaseRun r{randn({kBatch, c.sq, kHq, kDim}), randn({kBatch, c.sk, kHkv, kDim}), randn({kBatch, c.sk, kHkv, kDim}),
+            randn({kBatch, c.sq, kHq, kDim}), {}};
+  r.want = autograd_whole(r.dout, r.q, r.k, r.v, c.q_start, c.k_start);
+  return r;
+}
+
 TEST(FullAttentionBackward, WholeKeySetMatchesAutograd) {
   at::manual_seed(3);
   for (const Case& c : kCases) {
-    const at::Tensor q = randn({kBatch, c.sq, kHq, kDim}), k = randn({kBatch, c.sk, kHkv, kDim}),
-                     v = randn({kBatch, c.sk, kHkv, kDim}), dout = randn({kBatch, c.sq, kHq, kDim});
-    const Whole want = autograd_whole(dout, q, k, v, c.q_start, c.k_start);
+    const auto [q, k, v, dout, want] = run_case(c);
     // Not vacuous: the gradients are not all zero.
     ASSERT_GT(want.dk.abs().max().item<double>(), 1e-3) << c.name;
     const AttentionGrads got =
@@ -84,9 +94,7 @@ TEST(FullAttentionBackward, WholeKeySetMatchesAutograd) {
 TEST(FullAttentionBackward, ChunkGradientsFromMergedResultAddUp) {
   at::manual_seed(4);
   for (const Case& c : kCases) {
-    const at::Tensor q = randn({kBatch, c.sq, kHq, kDim}), k = randn({kBatch, c.sk, kHkv, kDim}),
-                     v = randn({kBatch, c.sk, kHkv, kDim}), dout = randn({kBatch, c.sq, kHq, kDim});
-    const Whole want = autograd_whole(dout, q, k, v, c.q_start, c.k_start);
+    const auto [q, k, v, dout, want] = run_case(c);
     at::Tensor dq = at::zeros_like(q);
     std::vector<at::Tensor> dk_parts, dv_parts;
     std::vector<int64_t> bounds{0};
