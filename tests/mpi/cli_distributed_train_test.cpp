@@ -87,6 +87,28 @@ TEST_F(DistributedTrain, CheckpointAtDp4ResumesAtDp2) {
   EXPECT_TRUE(log.find("mode sparse") != std::string::npos || log.find("mode mixed") != std::string::npos) << log;
 }
 
+// Gradients reduced bucket by bucket during the backward (the default) train
+// the same model as gradients reduced after it, with recomputed layers and
+// micro-batches, over dp and cp together and over cp alone.
+TEST_F(DistributedTrain, ReductionDuringBackwardEqualsReductionAfterIt) {
+  for (const auto& [dp, cp] : {std::pair<int, int>{2, 2}, {1, 2}}) {
+    const std::string grid = std::to_string(dp) + "x" + std::to_string(cp);
+    const std::string common = " --set train.recompute=true --set optimizer.bucket_mb=1";
+    const fs::path on = dir_ / ("overlap-" + grid), off = dir_ / ("after-" + grid);
+    ASSERT_EQ(run_shell(mpirun(dp * cp) + train_args(data_, on, dp, cp, 3) + common, dir_ / "on.log"), 0)
+        << read_all(dir_ / "on.log");
+    ASSERT_EQ(run_shell(mpirun(dp * cp) + train_args(data_, off, dp, cp, 3) + common +
+                            " --set optimizer.overlap_reduction=false",
+                        dir_ / "off.log"),
+              0)
+        << read_all(dir_ / "off.log");
+    auto a = losses(on), b = losses(off);
+    ASSERT_EQ(a.size(), 3u) << grid;
+    ASSERT_EQ(b.size(), 3u) << grid;
+    for (const auto& [step, loss] : a) EXPECT_NEAR(b[step], loss, 1e-6 * std::abs(loss)) << grid << " step " << step;
+  }
+}
+
 TEST_F(DistributedTrain, Sigusr1CheckpointsExitsForRequeueAndResumesExactly) {
   ASSERT_EQ(run_shell(mpirun(2) + train_args(data_, dir_ / "straight", 1, 2, 40), dir_ / "straight.log"), 0)
       << read_all(dir_ / "straight.log");
