@@ -33,7 +33,8 @@ std::string format_rate(double per_second) {
 std::string format_progress_line(const StepRecord& r) {
   const int width = static_cast<int>(std::to_string(r.total_steps).size());
   std::string line = fmt::format(
-      "step {:>{}}/{} | loss {:.4f} | ce {:.4f} | align s {:.4f} c {:.4f} | mode {} | lr {:.2e} | "
+      // Alignment losses in 3 significant digits: on long sequences they are 1e-5 and below.
+      "step {:>{}}/{} | loss {:.4f} | ce {:.4f} | align s {:.3g} c {:.3g} | mode {} | lr {:.2e} | "
       "{} tok/s | eta {} | data wait {:.3f} s",
       r.step, width, r.total_steps, r.loss, r.ce_loss, r.sparsity_loss, r.commitment_loss,
       r.mode.empty() ? "-" : r.mode, r.lr, format_rate(r.tokens_per_second), format_hms(r.eta_seconds),

@@ -54,15 +54,18 @@ StepRecord record() {
 
 TEST(ConsoleProgress, LineHasEveryField) {
   EXPECT_EQ(format_progress_line(record()),
-            "step  120/1000 | loss 3.2145 | ce 3.1002 | align s 0.0061 c 0.0053 | mode sparse | "
+            "step  120/1000 | loss 3.2145 | ce 3.1002 | align s 0.00612 c 0.00529 | mode sparse | "
             "lr 6.00e-04 | 12.3k tok/s | eta 1:02:03 | data wait 0.012 s");
   StepRecord r = record();
   r.mode.clear();
   r.skipped_steps = 2;
   r.loss = std::nan("");
   EXPECT_EQ(format_progress_line(r),
-            "step  120/1000 | loss nan | ce 3.1002 | align s 0.0061 c 0.0053 | mode - | "
+            "step  120/1000 | loss nan | ce 3.1002 | align s 0.00612 c 0.00529 | mode - | "
             "lr 6.00e-04 | 12.3k tok/s | eta 1:02:03 | data wait 0.012 s | skipped 2");
+  r.sparsity_loss = 3.14159e-6;  // small alignment losses keep their digits
+  r.commitment_loss = 0.0;
+  EXPECT_NE(format_progress_line(r).find("align s 3.14e-06 c 0 |"), std::string::npos) << format_progress_line(r);
 }
 
 TEST(ConsoleProgress, EvalLine) {
