@@ -111,7 +111,6 @@ void ShardedAdamW::reduce_during_next_backward() {
     Reduction& r = reductions_[i];
     if (!r.buffer.defined()) r.buffer = at::zeros({buckets[i].padded}, at::TensorOptions().dtype(at::kFloat).device(device_));
     r.missing = static_cast<int64_t>(buckets[i].pieces.size());
-    r.started = false;
   }
   std::fill(arrived_.begin(), arrived_.end(), 0);
   next_start_ = 0;
@@ -169,7 +168,6 @@ void ShardedAdamW::start_reductions(bool all) {
     // Over cp in flight too when nothing over dp precedes it (a cp reduction
     // after a dp one waits for it in finish_reductions).
     if (group_size(cp_) > 1 && dp_size_ == 1) r.cp_flight = cp_->start_all_reduce(r.reduced, ReduceOp::kAvg);
-    r.started = true;
     ++next_start_;
   }
 }

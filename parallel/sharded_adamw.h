@@ -140,7 +140,6 @@ class ShardedAdamW {
     at::Tensor buffer;     // fp32 [padded], kept between steps (padding stays zero)
     at::Tensor reduced;    // my part of it, reduced over dp (and cp) when complete
     int64_t missing = 0;   // pieces whose gradient has not arrived
-    bool started = false;
     P2PBatch dp_flight, cp_flight;
   };
   void on_gradient(size_t param, const at::Tensor& grad);

@@ -173,6 +173,20 @@ TEST(ShardedAdamW, ReductionDuringBackwardMatchesPlainAdamW) {
   if (n % 2 == 0) check_matches_plain_adamw(n / 2, 2, true, true);
 }
 
+TEST(ShardedAdamW, StepsMustBeLaunchedAndFinishedInTurn) {
+  ProcessGrid grid = ProcessGrid::init(test::world_size(), 1);
+  const Data data = make_data(23);
+  Model model = make_model(9);
+  ShardedAdamW opt(as_parameters(model), test_options(true), group_or_null(grid.dp_group()), nullptr);
+  EXPECT_THROW(opt.finish_step(), std::logic_error);  // nothing launched
+  loss_of(model, my_rows(data, grid).x, my_rows(data, grid).y).backward();
+  opt.launch_step(0.01);
+  EXPECT_THROW(opt.launch_step(0.01), std::logic_error);               // the first is not finished
+  EXPECT_THROW(opt.reduce_during_next_backward(), std::logic_error);  // nor may the next backward start
+  EXPECT_TRUE(opt.finish_step().applied);
+  EXPECT_EQ(opt.step_count(), 1);
+}
+
 TEST(ShardedAdamW, NonFiniteGradientChangesNothingOnAnyRank) {
   ProcessGrid grid = ProcessGrid::init(test::world_size(), 1);
   const Data data = make_data(22);
