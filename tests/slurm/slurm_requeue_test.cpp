@@ -188,7 +188,9 @@ TEST_F(SlurmCluster, BatchScriptForwardsUsr1AndRequeuesOnExitCode3) {
          "exit 0; fi\n"
          "trap 'echo \"task $SLURM_PROCID checkpointing\"; touch \"$run/checkpoint\"; exit 3' USR1\n"
          "touch \"$run/started.$SLURM_PROCID\"\n"
-         "sleep 300 & wait\n"
+         // The signal may reach every process of the task: the sleeps ignore it, so
+         // only the trap ends the wait (a killed sleep would end it first, racing the trap).
+         "for i in $(seq 300); do (trap '' USR1; exec sleep 1) & wait $!; done\n"
          "exit 1\n";
   }
   fs::permissions(fake, fs::perms::owner_all);
