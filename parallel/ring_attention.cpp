@@ -29,18 +29,52 @@ P2PBatch pass_pair(Communicator& comm, int left, int right, const at::Tensor& a,
                         op);
 }
 
-kernels::AttentionResult attend_item(const RingSetup& s, const WorkItem& w, const at::Tensor& q, const at::Tensor& k,
+const at::Tensor& block_ids_of(const RingSetup& s, const WorkItem& w) {
+  return w.compact ? s.compact_block_ids[static_cast<size_t>(w.slot)] : s.block_ids[static_cast<size_t>(w.slot)];
+}
+
+// One item's call on its rows of q and of the K/V buffer.
+kernels::AttentionResult attend_rows(const RingSetup& s, const WorkItem& w, const at::Tensor& q, const at::Tensor& k,
                                      const at::Tensor& v) {
-  if (!w.sparse) return kernels::full_attention(q, k, v, w.q_pos, w.k_pos);
-  const at::Tensor& ids = w.compact ? s.compact_block_ids[static_cast<size_t>(w.slot)]
-                                    : s.block_ids[static_cast<size_t>(w.slot)];
-  return kernels::sparse_attention(q, k, v, ids, s.options, w.q_pos, w.k_pos);
+  const at::Tensor qq = q.narrow(1, w.q_row, w.q_len);
+  const at::Tensor kk = k.narrow(1, w.kv_row, w.kv_len), vv = v.narrow(1, w.kv_row, w.kv_len);
+  if (!w.sparse) return kernels::full_attention(qq, kk, vv, w.q_pos, w.k_pos);
+  return kernels::sparse_attention(qq, kk, vv, block_ids_of(s, w), s.options, w.q_pos, w.k_pos);
 }
 
 }  // namespace
 
 bool full_on_prefix(const RingSetup& setup) {
   return setup.request.full && setup.request.sparse && setup.transport == SparseTransport::kRing;
+}
+
+std::vector<WorkItem> diagonal_work(const RingSetup& setup) {
+  const ZigzagLayout& z = setup.layout;
+  std::vector<WorkItem> items;
+  for (int64_t a = 0; a < 2; ++a) {
+    items.push_back({false, a * z.chunk, z.chunk, a * z.chunk, z.chunk, z.position(a), z.position(a), a, false});
+  }
+  return items;
+}
+
+std::vector<WorkItem> prefix_work(const RingSetup& setup) {
+  const ZigzagLayout& z = setup.layout;
+  std::vector<WorkItem> items;
+  for (int64_t a = 0; a < 2; ++a) {
+    const int64_t keys = z.position(a);  // every chunk before mine, all visible
+    if (keys > 0) items.push_back({false, a * z.chunk, z.chunk, 0, keys, keys, 0, a, false});
+  }
+  return items;
+}
+
+std::vector<WorkItem> assembled_sparse_work(const RingSetup& setup) {
+  const ZigzagLayout& z = setup.layout;
+  std::vector<WorkItem> items;
+  for (int64_t a = 0; a < 2; ++a) {
+    const int64_t keys = (z.global_chunk(a) + 1) * z.chunk;  // causal: chunks up to my own
+    items.push_back({true, a * z.chunk, z.chunk, 0, keys, z.position(a), 0, a, false});
+  }
+  return items;
 }
 
 std::vector<WorkItem> ring_work(const RingSetup& setup, int64_t src) {
@@ -111,8 +145,7 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
     for (const WorkItem& w : selected_work(setup, kc.size(1))) {
       const at::Tensor& kk = w.compact ? kc : k;
       const at::Tensor& vv = w.compact ? vc : v;
-      sparse->add(w.q_row, attend_item(setup, w, q.narrow(1, w.q_row, w.q_len), kk.narrow(1, w.kv_row, w.kv_len),
-                                       vv.narrow(1, w.kv_row, w.kv_len)));
+      sparse->add(w.q_row, attend_rows(setup, w, q, kk, vv));
     }
     out.compact_k = kc;
     out.compact_v = vc;
@@ -161,16 +194,11 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
       }
       if (prefix_full) {
         if (step == 0) {  // my chunks on themselves: the first part of every row
-          for (int64_t a = 0; a < 2; ++a) {
-            const int64_t row = a * z.chunk;
-            full->set(row, kernels::full_attention(q.narrow(1, row, z.chunk), k.narrow(1, row, z.chunk),
-                                                   v.narrow(1, row, z.chunk), z.position(a), z.position(a)));
-          }
+          for (const WorkItem& w : diagonal_work(setup)) full->set(w.q_row, attend_rows(setup, w, q, k, v));
         }
       } else {
         for (const WorkItem& w : ring_work(setup, src)) {  // full-stream items only
-          full->add(w.q_row, attend_item(setup, w, q.narrow(1, w.q_row, w.q_len), cur_k.narrow(1, w.kv_row, w.kv_len),
-                                         cur_v.narrow(1, w.kv_row, w.kv_len)));
+          full->add(w.q_row, attend_rows(setup, w, q, cur_k, cur_v));
         }
       }
       next.wait();
@@ -180,12 +208,7 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
       }
     }
     if (prefix_full) {
-      for (int64_t a = 0; a < 2; ++a) {
-        const int64_t keys = z.position(a);  // every chunk before mine, all visible
-        if (keys == 0) continue;
-        full->add(a * z.chunk, kernels::full_attention(q.narrow(1, a * z.chunk, z.chunk), out.k_all.narrow(1, 0, keys),
-                                                       out.v_all.narrow(1, 0, keys), keys, 0));
-      }
+      for (const WorkItem& w : prefix_work(setup)) full->add(w.q_row, attend_rows(setup, w, q, out.k_all, out.v_all));
     }
     if (gather) {
       if (setup.select_on_ring) {
@@ -198,13 +221,8 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
                                      pooled.narrow(1, 0, (z.global_chunk(a) + 1) * nbc), setup.options, z.position(a));
         }
       }
-      std::array<kernels::AttentionResult, 2> parts;
-      for (int64_t a = 0; a < 2; ++a) {
-        const int64_t keys = (z.global_chunk(a) + 1) * z.chunk;  // causal: chunks up to my own
-        parts[static_cast<size_t>(a)] = kernels::sparse_attention(
-            q.narrow(1, a * z.chunk, z.chunk), out.k_all.narrow(1, 0, keys), out.v_all.narrow(1, 0, keys),
-            setup.block_ids[static_cast<size_t>(a)], setup.options, z.position(a), 0);
-      }
+      std::vector<kernels::AttentionResult> parts;
+      for (const WorkItem& w : assembled_sparse_work(setup)) parts.push_back(attend_rows(setup, w, q, out.k_all, out.v_all));
       out.out_sparse = at::cat({parts[0].out, parts[1].out}, 1).to(q.scalar_type());
       out.lse_sparse = at::cat({parts[0].lse, parts[1].lse}, 2).to(acc.dtype());
     }
@@ -244,9 +262,8 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     const at::Tensor oq = o.narrow(1, w.q_row, w.q_len), lq = l.narrow(2, w.q_row, w.q_len);
     kernels::AttentionGrads pg;
     if (w.sparse) {
-      const at::Tensor& ids = w.compact ? setup.compact_block_ids[static_cast<size_t>(w.slot)]
-                                        : setup.block_ids[static_cast<size_t>(w.slot)];
-      pg = kernels::sparse_attention_backward(gq, qq, k_rows, v_rows, oq, lq, ids, setup.options, w.q_pos, w.k_pos);
+      pg = kernels::sparse_attention_backward(gq, qq, k_rows, v_rows, oq, lq, block_ids_of(setup, w), setup.options,
+                                              w.q_pos, w.k_pos);
     } else {
       pg = kernels::full_attention_backward(gq, qq, k_rows, v_rows, oq, lq, w.q_pos, w.k_pos);
     }
@@ -280,36 +297,16 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     // each rank's chunks then travel to their owner while I compute my diagonal
     // items, which touch only my own chunks.
     const bool kept = outputs.k_all.defined();
-    const bool prefix_full = full_on_prefix(setup) && g_full.defined();
+    const bool prefix_full = full_on_prefix(setup);
     at::Tensor dk_all, dv_all;  // [B, S, Hkv, D] acc dtype
     if (kept) {
       dk_all = at::zeros(outputs.k_all.sizes(), acc);
       dv_all = at::zeros(outputs.v_all.sizes(), acc);
     }
-    if (kept && setup.request.sparse && g_sparse.defined()) {
-      for (int64_t a = 0; a < 2; ++a) {
-        const int64_t rows = a * z.chunk, keys = (z.global_chunk(a) + 1) * z.chunk;
-        const kernels::AttentionGrads sg = kernels::sparse_attention_backward(
-            g_sparse.narrow(1, rows, z.chunk), q.narrow(1, rows, z.chunk), outputs.k_all.narrow(1, 0, keys),
-            outputs.v_all.narrow(1, 0, keys), outputs.out_sparse.narrow(1, rows, z.chunk),
-            outputs.lse_sparse.narrow(2, rows, z.chunk), setup.block_ids[static_cast<size_t>(a)], setup.options,
-            z.position(a), 0);
-        dq.narrow(1, rows, z.chunk).add_(sg.dq);
-        dk_all.narrow(1, 0, keys).add_(sg.dk);
-        dv_all.narrow(1, 0, keys).add_(sg.dv);
-      }
-    }
-    if (prefix_full) {
-      for (int64_t a = 0; a < 2; ++a) {
-        const int64_t rows = a * z.chunk, keys = z.position(a);
-        if (keys == 0) continue;
-        const kernels::AttentionGrads pg = kernels::full_attention_backward(
-            g_full.narrow(1, rows, z.chunk), q.narrow(1, rows, z.chunk), outputs.k_all.narrow(1, 0, keys),
-            outputs.v_all.narrow(1, 0, keys), outputs.out_full.narrow(1, rows, z.chunk),
-            outputs.lse_full.narrow(2, rows, z.chunk), keys, 0);
-        dq.narrow(1, rows, z.chunk).add_(pg.dq);
-        dk_all.narrow(1, 0, keys).add_(pg.dk);
-        dv_all.narrow(1, 0, keys).add_(pg.dv);
+    if (kept) {  // everything that reads the assembled K/V (accumulate skips a stream without gradient)
+      for (const WorkItem& w : assembled_sparse_work(setup)) accumulate(w, outputs.k_all, outputs.v_all, dk_all, dv_all);
+      if (prefix_full) {
+        for (const WorkItem& w : prefix_work(setup)) accumulate(w, outputs.k_all, outputs.v_all, dk_all, dv_all);
       }
     }
     // The rows of src's two chunks in dk_all/dv_all.
@@ -335,20 +332,9 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
       // so it reaches its owner at step cp-1; each gradient makes cp-1 hops, and
       // my diagonal items run while the first hop travels.
       at::Tensor own_dk = rows_of(dk_all, z.rank), own_dv = rows_of(dv_all, z.rank);
-      auto diagonal = [&] {
-        if (prefix_full) {
-          for (int64_t a = 0; a < 2; ++a) {
-            const int64_t rows = a * z.chunk;
-            const kernels::AttentionGrads pg = kernels::full_attention_backward(
-                g_full.narrow(1, rows, z.chunk), q.narrow(1, rows, z.chunk), k.narrow(1, rows, z.chunk),
-                v.narrow(1, rows, z.chunk), outputs.out_full.narrow(1, rows, z.chunk),
-                outputs.lse_full.narrow(2, rows, z.chunk), z.position(a), z.position(a));
-            dq.narrow(1, rows, z.chunk).add_(pg.dq);
-            own_dk.narrow(1, rows, z.chunk).add_(pg.dk);
-            own_dv.narrow(1, rows, z.chunk).add_(pg.dv);
-          }
-        } else {  // the full stream without a gradient, or not requested: its ring items
-          for (const WorkItem& w : ring_work(setup, z.rank)) accumulate(w, k, v, own_dk, own_dv);
+      auto diagonal = [&] {  // my own chunks' full-stream items
+        for (const WorkItem& w : prefix_full ? diagonal_work(setup) : ring_work(setup, z.rank)) {
+          accumulate(w, k, v, own_dk, own_dv);
         }
       };
       for (int64_t step = 0; step + 1 < z.cp; ++step) {

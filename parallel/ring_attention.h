@@ -56,6 +56,15 @@ struct WorkItem {
 // prefix of earlier chunks (instead of ring_work's items per visiting chunk).
 bool full_on_prefix(const RingSetup& setup);
 
+// Calls against the whole sequence's K/V assembled on the ring (kv rows index
+// it, except the diagonal items, which read my own K/V):
+//   diagonal_work: each local q chunk on its own chunk (the full stream, causal);
+//   prefix_work:   each local q chunk on every earlier chunk (full stream, unmasked);
+//   assembled_sparse_work: each local q chunk's sparse call over chunks up to its own.
+std::vector<WorkItem> diagonal_work(const RingSetup& setup);
+std::vector<WorkItem> prefix_work(const RingSetup& setup);
+std::vector<WorkItem> assembled_sparse_work(const RingSetup& setup);
+
 // The full stream's calls for the K/V of cp rank `src` (both its chunks, rows
 // [0, 2c)). The sparse stream on the ring runs once over the assembled K/V.
 std::vector<WorkItem> ring_work(const RingSetup& setup, int64_t src);
