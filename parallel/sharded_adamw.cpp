@@ -106,6 +106,10 @@ ShardedAdamW::~ShardedAdamW() {
 void ShardedAdamW::reduce_during_next_backward() {
   if (pending_norm_sq_.defined())
     throw std::logic_error("parallel::ShardedAdamW::reduce_during_next_backward: the previous step was not finished");
+  arm_reductions();
+}
+
+void ShardedAdamW::arm_reductions() {
   const auto& buckets = layout_->buckets();
   for (size_t i = 0; i < buckets.size(); ++i) {
     Reduction& r = reductions_[i];
@@ -191,38 +195,16 @@ std::vector<at::Tensor> ShardedAdamW::finish_reductions() {
   return grads;
 }
 
-at::Tensor ShardedAdamW::bucket_gradients(const FlatBucket& b) const {
-  at::Tensor buf = at::zeros({b.padded}, at::TensorOptions().dtype(at::kFloat).device(device_));
-  for (const FlatPiece& piece : b.pieces) {
-    const at::Tensor& grad = params_[static_cast<size_t>(piece.param)].tensor.grad();
-    if (!grad.defined()) continue;  // unused parameter: zero gradient on this rank
-    buf.narrow(0, piece.bucket_offset, piece.numel).copy_(grad.reshape({-1}).narrow(0, piece.param_offset, piece.numel));
-  }
-  return buf;
-}
-
 void ShardedAdamW::launch_step(double lr, const at::Tensor& skip) {
   if (pending_norm_sq_.defined())
     throw std::logic_error("parallel::ShardedAdamW::launch_step: the previous step was not finished");
   at::NoGradGuard no_grad;
   const auto& buckets = layout_->buckets();
-  std::vector<at::Tensor> grads;
-  if (overlap_armed_) {
-    grads = finish_reductions();
-  } else {
-    for (const FlatBucket& b : buckets) {
-      at::Tensor buf = bucket_gradients(b);
-      at::Tensor g;
-      if (sharded()) {
-        g = dp_->reduce_scatter(buf, ReduceOp::kAvg);  // [shard_numel]: my part, averaged over dp
-      } else {
-        if (dp_size_ > 1) dp_->all_reduce(buf, ReduceOp::kAvg);
-        g = buf;
-      }
-      if (group_size(cp_) > 1) cp_->all_reduce(g, ReduceOp::kAvg);
-      grads.push_back(std::move(g));
-    }
-  }
+  // Without a reduction armed before the backward, every bucket is filled from
+  // .grad here and reduced at once; its buffers are released after the step.
+  const bool during_backward = overlap_armed_;
+  if (!during_backward) arm_reductions();
+  const std::vector<at::Tensor> grads = finish_reductions();  // my part of each bucket, averaged over dp and cp
   at::Tensor norm_sq = at::zeros({1}, at::TensorOptions().dtype(at::kDouble).device(device_));
   for (size_t i = 0; i < buckets.size(); ++i) {
     const FlatBucket& b = buckets[i];
@@ -263,6 +245,9 @@ void ShardedAdamW::launch_step(double lr, const at::Tensor& skip) {
     }
   }
   write_parameters();  // a skipped step writes the unchanged weights back
+  if (!during_backward) {
+    for (Reduction& r : reductions_) r = Reduction{};
+  }
   pending_norm_sq_ = norm_sq;
   pending_skip_ = bad;
 }

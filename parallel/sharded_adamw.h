@@ -134,14 +134,15 @@ class ShardedAdamW {
     int64_t numel = 0;
     bool decay = true;
   };
-  at::Tensor bucket_gradients(const FlatBucket& bucket) const;  // fp32 [padded]
-  // Overlapped reduction (reduce_during_next_backward).
+  // Gradient reduction per bucket (during the backward with reduce_during_next_backward,
+  // else in launch_step from .grad).
   struct Reduction {
-    at::Tensor buffer;     // fp32 [padded], kept between steps (padding stays zero)
+    at::Tensor buffer;     // fp32 [padded], padding zero; kept between steps when reduced during the backward
     at::Tensor reduced;    // my part of it, reduced over dp (and cp) when complete
     int64_t missing = 0;   // pieces whose gradient has not arrived
     P2PBatch dp_flight, cp_flight;
   };
+  void arm_reductions();  // every bucket waits for all its gradients
   void on_gradient(size_t param, const at::Tensor& grad);
   void start_reductions(bool all);  // the complete ones in order; all: the rest too
   std::vector<at::Tensor> finish_reductions();  // each bucket's reduced gradient

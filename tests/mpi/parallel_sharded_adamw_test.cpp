@@ -147,7 +147,9 @@ void check_matches_plain_adamw(int64_t dp, int64_t cp, bool zero, bool overlap =
     EXPECT_NEAR(r.grad_norm, norm, 1e-5 * norm) << "step " << s;
     // Every parameter receives its gradient in the last backward: every bucket
     // starts its reduction before the step.
-    if (overlap) EXPECT_EQ(opt.overlapped_buckets(), opt.bucket_count()) << "step " << s;
+    if (overlap) {
+      EXPECT_EQ(opt.overlapped_buckets(), opt.bucket_count()) << "step " << s;
+    }
     clipped += norm > o.grad_clip;
   }
   EXPECT_GE(clipped, 1) << "the test should exercise clipping";
