@@ -155,6 +155,12 @@ at::Tensor pool_keys(const at::Tensor& k, int64_t block_size) {
   if (block_size <= 0) {
     throw std::runtime_error(fmt::format("kernels::pool_keys: block_size must be > 0, got {}", block_size));
   }
+#ifdef SSA_WITH_CUDA
+  if (k.is_cuda()) {
+    at::Tensor pooled = cuda::pool_keys(k, block_size);
+    if (pooled.defined()) return pooled;
+  }
+#endif
   return reference::pool_keys(k, block_size);
 }
 

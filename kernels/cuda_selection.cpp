@@ -2,6 +2,7 @@
 #include "kernels/cuda_attention.h"
 
 #ifdef SSA_WITH_CUDA
+#include <ATen/core/grad_mode.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -32,10 +33,22 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
   at::Tensor ids = at::empty({q.size(0), q.size(1), pooled.size(2), options.top_k}, q.options().dtype(at::kInt));
   if (q.size(1) == 0) return ids;
 
-  // fp32 pooled keys as hi + lo bf16 parts, [B, Hkv, Nb, D] each.
-  const at::Tensor pk = pooled.detach().to(at::kFloat).permute({0, 2, 1, 3}).contiguous();
-  const at::Tensor hi = pk.to(at::kBFloat16);
-  const at::Tensor lo = (pk - hi.to(at::kFloat)).to(at::kBFloat16);
+  // fp32 pooled keys as hi + lo bf16 parts, [B, Hkv, Nb, D] each (one kernel).
+  at::Tensor pk = pooled.detach().to(at::kFloat);
+  const int64_t d = pk.size(3), hkv = pk.size(2);
+  if (pk.stride(3) != 1 || pk.stride(2) != d || pk.stride(1) != hkv * d) pk = pk.contiguous();
+  at::Tensor hi = at::empty({pk.size(0), hkv, pk.size(1), d}, pk.options().dtype(at::kBFloat16));
+  at::Tensor lo = at::empty_like(hi);
+  SplitParams sp;
+  sp.pooled = pk.data_ptr<float>();
+  sp.pooled_batch_stride = pk.stride(0);
+  sp.batch = to_int(fn, "batch", pk.size(0));
+  sp.n_blocks = to_int(fn, "Nb", pk.size(1));
+  sp.heads = to_int(fn, "Hkv", hkv);
+  sp.head_dim = to_int(fn, "head dim", d);
+  sp.hi = bf16_mut(hi);
+  sp.lo = bf16_mut(lo);
+  SSA_CUDA_CHECK(launch_split(sp, at::cuda::getCurrentCUDAStream()));
   const at::Tensor qc = q.detach().contiguous();
   SelectParams p;
   p.shape = shape;
@@ -53,6 +66,33 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
   p.block_ids = ids.data_ptr<int32_t>();
   SSA_CUDA_CHECK(launch_select(p, at::cuda::getCurrentCUDAStream()));
   return ids;
+}
+
+at::Tensor pool_keys(const at::Tensor& k, int64_t block_size) {
+  const at::ScalarType t = k.scalar_type();
+  const bool fits = k.is_cuda() && k.dim() == 4 && (t == at::kBFloat16 || t == at::kHalf || t == at::kFloat) &&
+                    !(at::GradMode::is_enabled() && k.requires_grad());
+  if (!fits) return at::Tensor();
+  const char* fn = "pool_keys";
+  const c10::cuda::CUDAGuard guard(k.device());
+  at::Tensor kc = k;
+  if (k.stride(3) != 1 || k.stride(2) != k.size(3)) kc = k.contiguous();
+  const int64_t n_blocks = (k.size(1) + block_size - 1) / block_size;
+  at::Tensor pooled = at::empty({k.size(0), n_blocks, k.size(2), k.size(3)}, k.options().dtype(at::kFloat));
+  PoolParams p;
+  p.dtype = t == at::kFloat ? PoolParams::kF32 : t == at::kHalf ? PoolParams::kF16 : PoolParams::kBF16;
+  p.k = kc.data_ptr();
+  p.k_batch_stride = kc.stride(0);
+  p.k_row_stride = kc.stride(1);
+  p.batch = to_int(fn, "batch", k.size(0));
+  p.keys = to_int(fn, "keys", k.size(1));
+  p.heads = to_int(fn, "Hkv", k.size(2));
+  p.head_dim = to_int(fn, "head dim", k.size(3));
+  p.block_size = to_int(fn, "block_size", block_size);
+  p.n_blocks = to_int(fn, "blocks", n_blocks);
+  p.pooled = pooled.data_ptr<float>();
+  SSA_CUDA_CHECK(launch_pool(p, at::cuda::getCurrentCUDAStream()));
+  return pooled;
 }
 
 AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_ids,

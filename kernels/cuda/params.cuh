@@ -144,6 +144,30 @@ cudaError_t launch_index_place(const InvertedIndexParams& p, cudaStream_t stream
 cudaError_t launch_index_items(const InvertedIndexParams& p, cudaStream_t stream);
 cudaError_t launch_index_fill(const InvertedIndexParams& p, cudaStream_t stream);
 
+// Block means of the keys: pooled [B, Nb, Hkv, D] fp32 (contiguous) from k
+// [B, keys, Hkv, D] (heads and head dim contiguous; batch and row strides in
+// elements), the last block holding keys - (Nb - 1) * block_size keys.
+struct PoolParams {
+  enum Dtype { kF32, kBF16, kF16 };
+  Dtype dtype = kBF16;
+  const void* k = nullptr;
+  int64_t k_batch_stride = 0, k_row_stride = 0;
+  int batch = 0, keys = 0, heads = 0, head_dim = 0, block_size = 0, n_blocks = 0;
+  float* pooled = nullptr;
+};
+cudaError_t launch_pool(const PoolParams& p, cudaStream_t stream);
+
+// pooled [B, Nb, Hkv, D] fp32 (dims 1-3 contiguous) -> hi = bf16(x), lo =
+// bf16(x - hi), each [B, Hkv, Nb, D]: the selection kernel's operands.
+struct SplitParams {
+  const float* pooled = nullptr;
+  int64_t pooled_batch_stride = 0;
+  int batch = 0, n_blocks = 0, heads = 0, head_dim = 0;
+  __nv_bfloat16* hi = nullptr;
+  __nv_bfloat16* lo = nullptr;
+};
+cudaError_t launch_split(const SplitParams& p, cudaStream_t stream);
+
 // Selection. pooled_hi + pooled_lo (bf16 each, [B, Hkv, Nb, D]) carry the fp32
 // pooled keys to about 16 bits of mantissa: the ranking pass uses both, the
 // normaliser pass the high part only.

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "kernels/attention.h"
+#include "kernels/reference_attention.h"
 #include "kernels_gpu_support.h"
 
 namespace ssa::kernels {
@@ -125,6 +126,37 @@ TEST(CudaSelection, TiesGoToTheLowerBlockId) {
   EXPECT_TRUE(at::equal(got, want));
   EXPECT_EQ(got[0][255][1][0].item<int>(), 0);
   EXPECT_EQ(got[0][255][1][3].item<int>(), 15);
+}
+
+// The one-kernel block means against the ATen formula, for each dtype the model
+// may hand it, a partial last block, and k / pooled keys that are row slices of a
+// longer sequence (batch strides of the longer one), as the ring passes them.
+TEST(CudaPooling, MatchesReferenceAndFeedsSelection) {
+  SSA_REQUIRE_GPU();
+  for (const at::ScalarType t : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    const at::Tensor whole = at::randn({2, 1200, 3, 64}, gpu(t));
+    for (const at::Tensor& k : {whole, whole.narrow(1, 96, 1000)}) {
+      for (const int64_t bs : {16, 64}) {
+        const at::Tensor got = pool_keys(k, bs);
+        const at::Tensor want = reference::pool_keys(k.cpu(), bs);
+        ASSERT_EQ(got.scalar_type(), at::kFloat);
+        ASSERT_EQ(got.sizes(), want.sizes());
+        EXPECT_TRUE(at::allclose(got.cpu(), want, 1e-5, 1e-6)) << t << " block " << bs << " rows " << k.size(1);
+      }
+    }
+  }
+  // A k that needs a gradient takes the differentiable formula.
+  const at::Tensor kg = at::randn({1, 64, 2, 64}, gpu(at::kFloat)).requires_grad_(true);
+  EXPECT_TRUE(pool_keys(kg, 16).requires_grad());
+
+  // Selection on a slice of the pooled keys (batch-strided) equals selection on a copy.
+  const at::Tensor q = at::randn({2, 512, 8, 64}, gpu());
+  const at::Tensor pooled = pool_keys(at::randn({2, 1024, 2, 64}, gpu()), 16).narrow(1, 0, 32);
+  SparseOptions opt;
+  opt.block_size = 16;
+  opt.top_k = 6;
+  opt.backend = Backend::kCuda;
+  EXPECT_TRUE(at::equal(select_blocks(q, pooled, opt), select_blocks(q, pooled.contiguous(), opt)));
 }
 
 TEST(CudaStats, MatchesReference) {
