@@ -72,6 +72,10 @@ void TrainConfig::visit(FieldVisitor& v) {
   v.text("device", device, {"auto", "cpu", "cuda"}, "auto: cuda when a GPU is present");
   v.text("dtype", dtype, {"auto", "fp32", "bf16"}, "auto: bf16 on GPU, fp32 on CPU");
   v.boolean("recompute", recompute, "recompute each layer's activations in backward");
+  v.boolean("recompute_attention", recompute_attention,
+            "with recompute: re-run attention too (its selection and cp ring) instead of keeping each layer's "
+            "attention outputs from the forward (per layer: both streams' outputs and log-sum-exps, the block ids "
+            "and, with cp > 1, the sequence's K/V)");
   v.integer("ce_chunk_tokens", ce_chunk_tokens, 1, kNoMax, "tokens per cross-entropy chunk");
   v.integer("max_nonfinite_steps", max_nonfinite_steps, 1, kNoMax, "consecutive NaN/Inf steps that stop the run");
 }

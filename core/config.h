@@ -96,6 +96,7 @@ struct TrainConfig {
   std::string device = "auto";  // auto | cpu | cuda
   std::string dtype = "auto";   // auto | fp32 | bf16
   bool recompute = false;
+  bool recompute_attention = false;  // with recompute: re-run attention too instead of keeping its outputs
   int64_t ce_chunk_tokens = 1024;
   int64_t max_nonfinite_steps = 5;
   void visit(FieldVisitor& v);

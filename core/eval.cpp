@@ -29,7 +29,7 @@ struct Accumulator {
 double nll_sum(const Transformer& model, const at::Tensor& tokens, const at::Tensor& labels,
                const at::Tensor& positions, const StreamSettings& settings, int64_t chunk,
                const LayerObserver* observer) {
-  auto result = model.forward(tokens, positions, settings, /*recompute=*/false, observer);
+  auto result = model.forward(tokens, positions, settings, Recompute::kNone, observer);
   auto hidden = result.hidden.reshape({-1, result.hidden.size(-1)});
   auto ce = chunked_cross_entropy(hidden, model.embedding(), labels.reshape({-1}), chunk);
   return ce.item<double>() * static_cast<double>(labels.numel());

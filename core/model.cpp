@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/rope.h"
+#include "parallel/context_attention.h"
 
 namespace ssa::core {
 namespace {
@@ -24,6 +25,7 @@ struct LayerInputs {
   const StreamSettings* settings;
   const RotaryTable* rotary;
   const LayerObserver* observer = nullptr;
+  parallel::AttentionMemo* memo = nullptr;  // Recompute::kKeepAttention
 };
 
 // One decoder layer: x [B, S, H] -> (x', L_s, L_c).
@@ -37,7 +39,7 @@ variable_list layer_forward(int64_t layer, const at::Tensor& x, const LayerWeigh
   auto v = at::linear(h, w.wv).view({B, S, m.n_kv_heads, D});
   auto gate = at::sigmoid(at::linear(h, w.wg)).unsqueeze(-1);  // [B, S, Hq, 1]
   if (in.observer) (*in.observer)(layer, q, k);
-  auto attn = ssa_attention(q, k, v, gate, *in.settings);
+  auto attn = ssa_attention(q, k, v, gate, *in.settings, in.memo);
   if (bytes_full) *bytes_full += attn.bytes_full;
   if (bytes_sparse) *bytes_sparse += attn.bytes_sparse;
   auto y = x + at::linear(attn.out.reshape({B, S, m.n_heads * D}), w.wo);
@@ -60,13 +62,16 @@ LayerWeights layer_from(const variable_list& t, size_t first) {
 // inputs, so the re-run computes the same function.
 // Owns copies of what the layer needs, since backward runs after forward() has
 // returned (the settings and rotary table of forward() are gone by then).
+// One closure per layer: with Recompute::kKeepAttention its memo carries the
+// layer's attention outputs from the forward to the re-run.
 struct RecomputeClosure : torch::CustomClassHolder {
   const ModelConfig* model = nullptr;  // owned by the Transformer, which outlives the step
   StreamSettings settings;
   RotaryTable rotary;
-  int64_t bytes_full = 0;  // cp traffic of the forward passes (not of the re-runs)
+  std::shared_ptr<parallel::AttentionMemo> memo;  // null: the re-run recomputes attention too
+  int64_t bytes_full = 0;  // cp traffic of the forward pass (not of the re-run)
   int64_t bytes_sparse = 0;
-  LayerInputs inputs() const { return {model, &settings, &rotary, nullptr}; }
+  LayerInputs inputs() const { return {model, &settings, &rotary, nullptr, memo.get()}; }
 };
 
 class RecomputedLayer : public torch::autograd::Function<RecomputedLayer> {
@@ -149,7 +154,7 @@ Transformer::Transformer(const ModelConfig& config, at::Device device, at::Scala
 }
 
 ForwardResult Transformer::forward(const at::Tensor& tokens, const at::Tensor& positions,
-                                   const StreamSettings& settings, bool recompute,
+                                   const StreamSettings& settings, Recompute recompute,
                                    const LayerObserver* observer) const {
   TORCH_CHECK(tokens.dim() == 2, "Transformer::forward: tokens must be [B, S_local], got ", tokens.sizes());
   TORCH_CHECK(positions.dim() == 1 && positions.size(0) == tokens.size(1),
@@ -161,18 +166,21 @@ ForwardResult Transformer::forward(const at::Tensor& tokens, const at::Tensor& p
   auto x = at::embedding(embedding_, tokens.to(embedding_.device()));  // [B, S, H]
   auto sum_ls = at::zeros({}, x.options().dtype(at::kFloat));
   auto sum_lc = sum_ls.clone();
-  auto closure = c10::make_intrusive<RecomputeClosure>();
-  closure->model = &config_;
-  closure->settings = settings;
-  closure->rotary = rotary;
   for (size_t l = 0; l < layers_.size(); ++l) {
     const auto& w = layers_[l];
     variable_list out;
-    if (recompute && at::GradMode::is_enabled()) {
+    if (recompute != Recompute::kNone && at::GradMode::is_enabled()) {
+      auto closure = c10::make_intrusive<RecomputeClosure>();
+      closure->model = &config_;
+      closure->settings = settings;
+      closure->rotary = rotary;
+      if (recompute == Recompute::kKeepAttention) closure->memo = parallel::make_attention_memo();
       variable_list args{x};
       for (const auto& t : layer_tensors(w)) args.push_back(t);
       // As a TensorList so autograd sees each tensor as an input.
       out = RecomputedLayer::apply(closure, at::TensorList(args));
+      result.bytes_full += closure->bytes_full;
+      result.bytes_sparse += closure->bytes_sparse;
     } else {
       out = layer_forward(static_cast<int64_t>(l), x, w, inputs, &result.bytes_full, &result.bytes_sparse);
     }
@@ -180,8 +188,6 @@ ForwardResult Transformer::forward(const at::Tensor& tokens, const at::Tensor& p
     sum_ls = sum_ls + out[1];
     sum_lc = sum_lc + out[2];
   }
-  result.bytes_full += closure->bytes_full;
-  result.bytes_sparse += closure->bytes_sparse;
   const double layers = static_cast<double>(layers_.size());
   result.hidden = rms_norm(x, final_norm_, config_.norm_eps);
   result.sparsity_loss = sum_ls / layers;

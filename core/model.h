@@ -45,6 +45,11 @@ struct ForwardResult {
 // (eval statistics). Not called inside recomputation.
 using LayerObserver = std::function<void(int64_t layer, const at::Tensor& q, const at::Tensor& k)>;
 
+// Activation recomputation (with gradients enabled): none; each layer re-run in
+// the backward but its attention outputs (and selection, and cp ring) kept from
+// the forward; or the whole layer re-run, attention included (least memory).
+enum class Recompute { kNone, kKeepAttention, kFull };
+
 class Transformer {
  public:
   // Llama-style init from `seed`: normal(0, init_std) for matrices and the
@@ -55,7 +60,7 @@ class Transformer {
 
   // tokens: [B, S_local] int64, positions: [S_local] int64 global positions.
   ForwardResult forward(const at::Tensor& tokens, const at::Tensor& positions, const StreamSettings& settings,
-                        bool recompute, const LayerObserver* observer = nullptr) const;
+                        Recompute recompute, const LayerObserver* observer = nullptr) const;
 
   std::vector<NamedParameter> parameters() const;
   const at::Tensor& embedding() const { return embedding_; }  // [V, H], also the output projection

@@ -16,11 +16,12 @@ AttentionMode parse_attention_mode(const std::string& name) {
 }
 
 LayerAttention ssa_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& gate,
-                             const StreamSettings& settings) {
+                             const StreamSettings& settings, parallel::AttentionMemo* memo) {
   parallel::StreamRequest request;
   request.full = settings.mode != AttentionMode::kSparse;
   request.sparse = settings.mode != AttentionMode::kFull;
-  auto streams = parallel::attention_streams(q, k, v, settings.seq_len, settings.sparse, request, settings.cp_group);
+  auto streams =
+      parallel::attention_streams(q, k, v, settings.seq_len, settings.sparse, request, settings.cp_group, {}, memo);
 
   LayerAttention result;
   result.bytes_full = streams.bytes_full;

@@ -12,6 +12,7 @@
 
 namespace ssa::parallel {
 class Communicator;
+struct AttentionMemo;
 }
 
 namespace ssa::core {
@@ -39,7 +40,9 @@ struct LayerAttention {
 
 // q: [B, S_local, Hq, D] (rotated), k/v: [B, S_local, Hkv, D] (k rotated),
 // gate: [B, S_local, Hq, 1] sigmoid output gate.
+// memo: see parallel::attention_streams (filled by a call without gradients,
+// replayed by the layer's re-run for its backward).
 LayerAttention ssa_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& gate,
-                             const StreamSettings& settings);
+                             const StreamSettings& settings, parallel::AttentionMemo* memo = nullptr);
 
 }  // namespace ssa::core

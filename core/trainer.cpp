@@ -106,6 +106,11 @@ class Trainer {
   AttentionMode mode_ = AttentionMode::kSsa;
 };
 
+Recompute recompute_mode(const TrainConfig& train) {
+  if (!train.recompute) return Recompute::kNone;
+  return train.recompute_attention ? Recompute::kFull : Recompute::kKeepAttention;
+}
+
 std::vector<parallel::Parameter> optimizer_parameters(const Transformer& model) {
   std::vector<parallel::Parameter> params;
   for (const auto& p : model.parameters()) params.push_back({p.name, p.tensor, p.decay});
@@ -296,7 +301,7 @@ StepLosses Trainer::train_step(const data::Batch& batch) {
                           draw_full_stream(state_.seed, batch.step, grid_.dp_rank() * batch.rows + m * micro,
                                            config_.ssa.full_probability));
     (settings.pass_full ? out.full_passes : out.sparse_passes) += 1;
-    auto result = model_->forward(inputs.narrow(0, m * micro, micro), positions, settings, config_.train.recompute);
+    auto result = model_->forward(inputs.narrow(0, m * micro, micro), positions, settings, recompute_mode(config_.train));
     auto hidden = result.hidden.reshape({-1, result.hidden.size(-1)});
     auto ce = chunked_cross_entropy(hidden, model_->embedding(), labels.narrow(0, m * micro, micro).reshape({-1}),
                                     config_.train.ce_chunk_tokens);

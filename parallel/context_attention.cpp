@@ -2,6 +2,8 @@
 
 #include <ATen/core/grad_mode.h>
 
+#include <torch/csrc/autograd/custom_function.h>
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -116,7 +118,71 @@ int64_t choose_sparse_transport(RingSetup& setup, const at::Tensor& k, SparseTra
   return nb * (z.cp - 1);
 }
 
+// One rank replaying a memo: the kept outputs, with the backward of each stream
+// from its output and log-sum-exp (as the fused kernels' own backward does).
+struct OneRankReplay : torch::CustomClassHolder {
+  kernels::SparseOptions options;
+  StreamRequest request;
+  at::Tensor lse_full, lse_sparse, block_ids;
+  at::Tensor out_full, out_sparse;  // handed to the forward, which returns them
+};
+
+class OneRankReplayFunction : public torch::autograd::Function<OneRankReplayFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
+                                                const at::Tensor& k, const at::Tensor& v,
+                                                c10::intrusive_ptr<OneRankReplay> state) {
+    torch::autograd::variable_list outs;
+    if (state->request.full) outs.push_back(std::move(state->out_full));
+    if (state->request.sparse) outs.push_back(std::move(state->out_sparse));
+    // The outputs are saved as outputs (no reference cycle through the node).
+    torch::autograd::variable_list saved{q, k, v};
+    saved.insert(saved.end(), outs.begin(), outs.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["state"] = c10::IValue::make_capsule(std::move(state));
+    return outs;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto state = c10::static_intrusive_pointer_cast<OneRankReplay>(ctx->saved_data["state"].toCapsule());
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2];
+    size_t next = 0;
+    at::Tensor dq, dk, dv;
+    auto add = [&](const kernels::AttentionGrads& g) {
+      dq = dq.defined() ? dq + g.dq : g.dq;
+      dk = dk.defined() ? dk + g.dk : g.dk;
+      dv = dv.defined() ? dv + g.dv : g.dv;
+    };
+    if (state->request.full) {
+      const at::Tensor& g = grads.at(next);
+      const at::Tensor& out = saved.at(3 + next++);
+      if (g.defined()) add(kernels::full_attention_backward(g, q, k, v, out, state->lse_full));
+    }
+    if (state->request.sparse) {
+      const at::Tensor& g = grads.at(next);
+      const at::Tensor& out = saved.at(3 + next++);
+      if (g.defined()) {
+        add(kernels::sparse_attention_backward(g, q, k, v, out, state->lse_sparse, state->block_ids, state->options));
+      }
+    }
+    if (!dq.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), at::Tensor()};
+  }
+};
+
+void check_replay(const AttentionMemo& memo, const at::Tensor& q, int64_t cp) {
+  if (memo.rows != q.size(1) || (cp > 1) != static_cast<bool>(memo.setup)) {
+    throw std::invalid_argument(fmt::format(
+        "parallel::attention_streams: the memo was filled by a call on {} rows {}; this call has {} rows and cp = {}",
+        memo.rows, memo.setup ? "with cp > 1" : "on one rank", q.size(1), cp));
+  }
+}
+
 }  // namespace
+
+std::shared_ptr<AttentionMemo> make_attention_memo() { return std::make_shared<AttentionMemo>(); }
 
 const char* sparse_transport_name(SparseTransport transport) {
   switch (transport) {
@@ -140,23 +206,72 @@ at::Tensor zigzag_slice(const at::Tensor& whole, int64_t dim, int64_t cp, int64_
 
 AttentionStreams attention_streams(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t seq_len,
                                    const kernels::SparseOptions& options, StreamRequest request,
-                                   Communicator* cp_group, const ContextOptions& context) {
+                                   Communicator* cp_group, const ContextOptions& context, AttentionMemo* memo) {
   const int64_t cp = cp_group ? cp_group->size() : 1;
   if (cp == 1 && seq_len == 0 && q.defined() && q.dim() == 4) seq_len = q.size(1);  // one rank: the whole sequence
   check_inputs(q, k, v, seq_len, cp, options, request);
   AttentionStreams result;
+  const bool replay = memo != nullptr && memo->filled;
+  const bool record = memo != nullptr && !replay && !at::GradMode::is_enabled();
+  if (replay) check_replay(*memo, q, cp);
 
   if (cp == 1) {
-    if (request.full) result.full = kernels::full_attention(q, k, v).out;
+    if (replay) {
+      auto state = c10::make_intrusive<OneRankReplay>();
+      state->options = options;
+      state->request = request;
+      state->lse_full = memo->full.lse;
+      state->lse_sparse = memo->sparse.lse;
+      state->block_ids = memo->block_ids;
+      state->out_full = memo->full.out;
+      state->out_sparse = memo->sparse.out;
+      result.block_ids = memo->block_ids;
+      *memo = AttentionMemo();
+      const bool needs_graph =
+          at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+      if (!needs_graph) {
+        result.full = state->out_full;
+        result.sparse = state->out_sparse;
+        return result;
+      }
+      const auto outs = OneRankReplayFunction::apply(q, k, v, state);
+      size_t next = 0;
+      if (request.full) result.full = outs.at(next++);
+      if (request.sparse) result.sparse = outs.at(next++);
+      return result;
+    }
+    kernels::AttentionResult full, sparse;
+    if (request.full) full = kernels::full_attention(q, k, v);
     if (request.sparse) {
       {
         at::NoGradGuard no_grad;  // the router has no gradient
         const at::Tensor pooled = kernels::pool_keys(k.detach(), options.block_size);
         result.block_ids = kernels::select_blocks(q.detach(), pooled, options, 0);
       }
-      result.sparse = kernels::sparse_attention(q, k, v, result.block_ids, options).out;
-      result.sparse_transport = SparseTransport::kNone;
+      sparse = kernels::sparse_attention(q, k, v, result.block_ids, options);
     }
+    result.full = full.out;
+    result.sparse = sparse.out;
+    if (record) {
+      memo->filled = true;
+      memo->rows = q.size(1);
+      memo->block_ids = result.block_ids;
+      memo->full = full;
+      memo->sparse = sparse;
+    }
+    return result;
+  }
+
+  if (replay) {
+    const c10::intrusive_ptr<RingSetup> setup = memo->setup;
+    ContextOutputs given = std::move(memo->outputs);
+    *memo = AttentionMemo();
+    int64_t ring_bytes = 0, selected_bytes = 0;
+    const auto outs = context_attention_autograd(setup, q, k, v, &ring_bytes, &selected_bytes, &given);
+    if (request.sparse) result.block_ids = at::cat({setup->block_ids[0], setup->block_ids[1]}, 1);
+    result.full = outs[0];
+    result.sparse = outs[1];
+    result.sparse_transport = request.sparse ? setup->transport : SparseTransport::kNone;
     return result;
   }
 
@@ -181,7 +296,19 @@ AttentionStreams attention_streams(const at::Tensor& q, const at::Tensor& k, con
     }
   }
   int64_t ring_bytes = 0, selected_bytes = 0;
-  auto outs = context_attention_autograd(setup, q, k, v, &ring_bytes, &selected_bytes);
+  std::array<at::Tensor, 2> outs;
+  if (record) {
+    ContextOutputs o = context_forward(*setup, q, k, v);
+    ring_bytes = o.ring_bytes;
+    selected_bytes = o.selected_bytes;
+    outs = {o.out_full, o.out_sparse};
+    memo->filled = true;
+    memo->rows = q.size(1);
+    memo->setup = setup;
+    memo->outputs = std::move(o);
+  } else {
+    outs = context_attention_autograd(setup, q, k, v, &ring_bytes, &selected_bytes);
+  }
   if (request.sparse) result.block_ids = at::cat({setup->block_ids[0], setup->block_ids[1]}, 1);
   result.full = outs[0];
   result.sparse = outs[1];

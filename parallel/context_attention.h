@@ -27,6 +27,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <memory>
 
 #include "kernels/attention.h"
 #include "parallel/communicator.h"
@@ -72,12 +73,24 @@ struct ContextOptions {
   SparseTransportChoice sparse_transport = SparseTransportChoice::kAuto;
 };
 
+// What an attention_streams call without gradients computed, kept for a re-run
+// of the same call on the same q, k, v that needs the backward (activation
+// recomputation): the re-run returns the kept outputs, differentiable, instead
+// of computing the attention (and its selection and K/V ring) a second time.
+// Holds, until that re-run, each stream's output and log-sum-exp, the block ids
+// and, with cp > 1, the whole sequence's K/V (see AttentionMemo in ring_attention.h).
+struct AttentionMemo;
+std::shared_ptr<AttentionMemo> make_attention_memo();
+
 // q: [B, S_local, Hq, D], k, v: [B, S_local, Hkv, D], this rank's zigzag chunks
 // in order; seq_len: the global S. cp_group nullptr or of size 1: one rank holds
 // the whole sequence and the kernels are called directly.
+// memo (optional): empty and no gradients enabled: the call fills it; filled:
+// the call replays it (and empties it), with the same arguments otherwise.
 AttentionStreams attention_streams(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t seq_len,
                                    const kernels::SparseOptions& options, StreamRequest request,
-                                   Communicator* cp_group, const ContextOptions& context = {});
+                                   Communicator* cp_group, const ContextOptions& context = {},
+                                   AttentionMemo* memo = nullptr);
 
 // Rows of this rank's zigzag chunks in a [*, S, ...] tensor of the whole
 // sequence: chunk r then chunk 2cp-1-r along `dim` (tests, data slicing).

@@ -91,9 +91,24 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
                               const ContextOutputs& outputs, const at::Tensor& grad_full, const at::Tensor& grad_sparse);
 
 // Differentiable cp > 1 attention: returns {full, sparse} (undefined when not
-// requested) and fills `outputs` with the forward's byte counts.
+// requested) and fills `outputs` with the forward's byte counts. given: outputs
+// an earlier context_forward with this setup computed for the same q, k, v (a
+// layer re-run for its backward); they are returned, with their backward, instead
+// of running the forward again (moved from, no bytes counted).
 std::array<at::Tensor, 2> context_attention_autograd(const c10::intrusive_ptr<RingSetup>& setup, const at::Tensor& q,
                                                      const at::Tensor& k, const at::Tensor& v, int64_t* ring_bytes,
-                                                     int64_t* selected_bytes);
+                                                     int64_t* selected_bytes, ContextOutputs* given = nullptr);
+
+// What one attention_streams call without gradients computed (context_attention.h).
+struct AttentionMemo {
+  bool filled = false;
+  int64_t rows = 0;                     // q rows of the call, checked on replay
+  // cp = 1: the block ids (sparse stream), the streams' outputs and log-sum-exps.
+  at::Tensor block_ids;
+  kernels::AttentionResult full, sparse;
+  // cp > 1: the setup (selection, transport) and the ring's outputs.
+  c10::intrusive_ptr<RingSetup> setup;
+  ContextOutputs outputs;
+};
 
 }  // namespace ssa::parallel

@@ -60,14 +60,21 @@ at::Tensor smooth_l1_sum(const at::Tensor& a, const at::Tensor& b) {
   return at::smooth_l1_loss(a, b, at::Reduction::Sum, 1.0);
 }
 
+// replay: a call without gradients fills a memo first, and the differentiable
+// call replays it (as a layer re-run for its backward does).
 Result run(const Inputs& in, const Shape& s, const kernels::SparseOptions& opts, StreamRequest req,
-           Communicator* cp_group, int64_t cp, int64_t cp_rank, ContextOptions ctx = {}) {
+           Communicator* cp_group, int64_t cp, int64_t cp_rank, ContextOptions ctx = {}, bool replay = false) {
   auto local = [&](const at::Tensor& t) { return cp > 1 ? zigzag_slice(t, 1, cp, cp_rank) : t; };
   at::Tensor q = local(in.q).detach().requires_grad_(true);
   at::Tensor k = local(in.k).detach().requires_grad_(true);
   at::Tensor v = local(in.v).detach().requires_grad_(true);
   Result r;
-  r.streams = attention_streams(q, k, v, s.seq, opts, req, cp_group, ctx);
+  const std::shared_ptr<AttentionMemo> memo = replay ? make_attention_memo() : nullptr;
+  if (replay) {
+    at::NoGradGuard no_grad;
+    attention_streams(q, k, v, s.seq, opts, req, cp_group, ctx, memo.get());
+  }
+  r.streams = attention_streams(q, k, v, s.seq, opts, req, cp_group, ctx, memo.get());
   at::Tensor loss = at::zeros({}, q.options());
   const double total = static_cast<double>(s.batch * s.seq * s.hq * s.dim);
   if (req.full) loss = loss + (r.streams.full * local(in.w_full)).sum();
@@ -118,36 +125,46 @@ void check_against_one_rank(const Shape& s, const kernels::SparseOptions& opts, 
                           Case{{true, false}, SparseTransportChoice::kAuto, "full"},
                           Case{{false, true}, SparseTransportChoice::kRing, "sparse/ring"},
                           Case{{false, true}, SparseTransportChoice::kSelectedBlocks, "sparse/selected"}}) {
-      const std::string what = fmt::format("cp {} rank {} {}", cp, r, c.name);
       const Result want = run(in, s, opts, c.req, nullptr, 1, 0);
-      const Result got = run(in, s, opts, c.req, &grid.cp_group(), cp, r, ContextOptions{c.transport});
-      if (c.req.full) expect_close(got.full, mine(want.full), what + " full output");
-      if (c.req.sparse) {
-        expect_close(got.sparse, mine(want.sparse), what + " sparse output");
-        EXPECT_TRUE(at::equal(got.ids.cpu(), mine(want.ids).cpu())) << what << ": selections differ";
-        EXPECT_EQ(got.streams.sparse_transport, c.transport == SparseTransportChoice::kSelectedBlocks
-                                                     ? SparseTransport::kSelectedBlocks
-                                                     : SparseTransport::kRing)
-            << what;
+      for (const bool replay : {false, true}) {
+        const std::string what = fmt::format("cp {} rank {} {}{}", cp, r, c.name, replay ? " replayed" : "");
+        const Result got = run(in, s, opts, c.req, &grid.cp_group(), cp, r, ContextOptions{c.transport}, replay);
+        if (c.req.full) expect_close(got.full, mine(want.full), what + " full output");
+        if (c.req.sparse) {
+          expect_close(got.sparse, mine(want.sparse), what + " sparse output");
+          EXPECT_TRUE(at::equal(got.ids.cpu(), mine(want.ids).cpu())) << what << ": selections differ";
+          EXPECT_EQ(got.streams.sparse_transport, c.transport == SparseTransportChoice::kSelectedBlocks
+                                                       ? SparseTransport::kSelectedBlocks
+                                                       : SparseTransport::kRing)
+              << what;
+        }
+        expect_close(got.dq, mine(want.dq), what + " dq");
+        expect_close(got.dk, mine(want.dk), what + " dk");
+        expect_close(got.dv, mine(want.dv), what + " dv");
+        // Alignment losses: the ranks' shares add up to the one-rank value.
+        at::Tensor losses = at::tensor({got.loss_s, got.loss_c}, at::TensorOptions().dtype(at::kDouble));
+        grid.cp_group().all_reduce(losses, ReduceOp::kSum);
+        EXPECT_NEAR(losses[0].item<double>(), want.loss_s, 1e-5 * std::max(1.0, want.loss_s)) << what << " L_s";
+        EXPECT_NEAR(losses[1].item<double>(), want.loss_c, 1e-5 * std::max(1.0, want.loss_c)) << what << " L_c";
+        if (c.req.full && c.req.sparse) {
+          // Not a vacuous comparison: the streams differ and the losses are not zero.
+          EXPECT_GT((want.full - want.sparse).abs().max().item<double>(), 1e-2) << what;
+          EXPECT_GT(want.loss_s, 1e-4) << what;
+          // Bytes: full carries the K/V ring; the sparse stream selects and attends
+          // on the K/V that ring brings, so it sends nothing of its own. A replay
+          // moves nothing.
+          const int64_t kv = s.batch * (s.seq / cp) * s.hkv * s.dim * 4;
+          EXPECT_EQ(got.streams.bytes_full, replay ? 0 : (cp - 1) * 2 * kv) << what;
+          EXPECT_EQ(got.streams.bytes_sparse, 0) << what;
+        }
       }
-      expect_close(got.dq, mine(want.dq), what + " dq");
-      expect_close(got.dk, mine(want.dk), what + " dk");
-      expect_close(got.dv, mine(want.dv), what + " dv");
-      // Alignment losses: the ranks' shares add up to the one-rank value.
-      at::Tensor losses = at::tensor({got.loss_s, got.loss_c}, at::TensorOptions().dtype(at::kDouble));
-      grid.cp_group().all_reduce(losses, ReduceOp::kSum);
-      EXPECT_NEAR(losses[0].item<double>(), want.loss_s, 1e-5 * std::max(1.0, want.loss_s)) << what << " L_s";
-      EXPECT_NEAR(losses[1].item<double>(), want.loss_c, 1e-5 * std::max(1.0, want.loss_c)) << what << " L_c";
-      if (c.req.full && c.req.sparse) {
-        // Not a vacuous comparison: the streams differ and the losses are not zero.
-        EXPECT_GT((want.full - want.sparse).abs().max().item<double>(), 1e-2) << what;
-        EXPECT_GT(want.loss_s, 1e-4) << what;
-        // Bytes: full carries the K/V ring; the sparse stream selects and attends
-        // on the K/V that ring brings, so it sends nothing of its own.
-        const int64_t kv = s.batch * (s.seq / cp) * s.hkv * s.dim * 4;
-        EXPECT_EQ(got.streams.bytes_full, (cp - 1) * 2 * kv) << what;
-        EXPECT_EQ(got.streams.bytes_sparse, 0) << what;
-      }
+      // One rank replaying its memo equals one rank computing.
+      const Result one = run(in, s, opts, c.req, nullptr, 1, 0, {}, /*replay=*/true);
+      if (c.req.full) expect_close(one.full, want.full, std::string(c.name) + " one rank replayed full output");
+      if (c.req.sparse) EXPECT_TRUE(at::equal(one.ids.cpu(), want.ids.cpu())) << c.name << " one rank replayed";
+      expect_close(one.dq, want.dq, std::string(c.name) + " one rank replayed dq");
+      expect_close(one.dk, want.dk, std::string(c.name) + " one rank replayed dk");
+      expect_close(one.dv, want.dv, std::string(c.name) + " one rank replayed dv");
     }
   }
 }
