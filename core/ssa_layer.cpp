@@ -4,6 +4,7 @@
 
 #include <stdexcept>
 
+#include "kernels/alignment.h"
 #include "parallel/context_attention.h"
 
 namespace ssa::core {
@@ -26,27 +27,19 @@ LayerAttention ssa_attention(const at::Tensor& q, const at::Tensor& k, const at:
   LayerAttention result;
   result.bytes_full = streams.bytes_full;
   result.bytes_sparse = streams.bytes_sparse;
-  auto zero = at::zeros({}, q.options().dtype(at::kFloat));
-  result.sparsity_loss = zero;
-  result.commitment_loss = zero;
-  if (settings.mode == AttentionMode::kFull) {
-    result.out = streams.full * gate;
+  if (settings.mode != AttentionMode::kSsa) {  // one stream, no alignment
+    result.out = (settings.mode == AttentionMode::kFull ? streams.full : streams.sparse) * gate;
+    result.sparsity_loss = at::zeros({}, q.options().dtype(at::kFloat));
+    result.commitment_loss = result.sparsity_loss;
     return result;
   }
-  if (settings.mode == AttentionMode::kSparse) {
-    result.out = streams.sparse * gate;
-    return result;
-  }
-  auto full = streams.full * gate;
-  auto sparse = streams.sparse * gate;
-  // Aligned representations: per-head outputs before o_proj, after (default) or
-  // before the output gate. Loss math in fp32.
-  auto h_full = (settings.align_after_gate ? full : streams.full).to(at::kFloat);
-  auto h_sparse = (settings.align_after_gate ? sparse : streams.sparse).to(at::kFloat);
-  const auto mean = at::Reduction::Mean;
-  result.sparsity_loss = at::smooth_l1_loss(h_full, h_sparse.detach(), mean, settings.smooth_l1_beta);
-  result.commitment_loss = at::smooth_l1_loss(h_full.detach(), h_sparse, mean, settings.smooth_l1_beta);
-  result.out = settings.pass_full ? full : sparse;
+  // Gated streams, the drawn one passed on, and the alignment losses between the
+  // per-head outputs before o_proj, after (default) or before the output gate.
+  const kernels::GatedAlignment aligned = kernels::gate_and_align(
+      streams.full, streams.sparse, gate, settings.pass_full, settings.align_after_gate, settings.smooth_l1_beta);
+  result.sparsity_loss = aligned.sparsity_loss;
+  result.commitment_loss = aligned.commitment_loss;
+  result.out = aligned.out;
   return result;
 }
 

@@ -2,6 +2,8 @@
 // The CUDA implementations behind kernels/attention.h, used when the tensors are
 // on a GPU and the build links the CUDA runtime (SSA_WITH_CUDA). Same layouts,
 // semantics and autograd behaviour as the reference; attention.cpp dispatches here.
+#include <array>
+
 #include "kernels/attention.h"
 
 namespace ssa::kernels::cuda {
@@ -30,6 +32,16 @@ AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const a
 // kernels::merge_into for fp32 CUDA accumulators; false (nothing done) when the
 // inputs do not fit the kernel (then the caller uses the ATen formula).
 bool merge_into(at::Tensor& acc_out, at::Tensor& acc_lse, const AttentionResult& part);
+// kernels::gate_and_align's kernels: whether they take these inputs (CUDA bf16
+// streams [B, S, H, D] with D even, gate [B, S, H, 1]); the forward -> {out, the
+// loss}; the backward -> {d_full, d_sparse, d_gate} (grad_out, grad_ls, grad_lc
+// may be undefined: zero).
+bool align_fits(const at::Tensor& full, const at::Tensor& sparse, const at::Tensor& gate);
+std::array<at::Tensor, 2> align_forward(const at::Tensor& full, const at::Tensor& sparse, const at::Tensor& gate,
+                                        bool pass_full, bool after_gate, double beta);
+std::array<at::Tensor, 3> align_backward(const at::Tensor& full, const at::Tensor& sparse, const at::Tensor& gate,
+                                         const at::Tensor& grad_out, const at::Tensor& grad_ls,
+                                         const at::Tensor& grad_lc, bool pass_full, bool after_gate, double beta);
 // x rotated by cos/sin as kernels::rotate_pairs (inverse: the other way), with
 // no autograd; undefined when the inputs do not fit the kernel.
 at::Tensor rotate_pairs(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse);

@@ -229,4 +229,31 @@ struct RotaryParams {
 };
 cudaError_t launch_rotary(const RotaryParams& p, cudaStream_t stream);
 
+// kernels::gate_and_align on bf16 streams (rows = B * S * H of head_dim each,
+// gate one value per row). Forward: out and, per block, a partial sum of the
+// SmoothL1 terms times inv_count into partial[blockIdx.x]. Backward: the
+// gradients of full, sparse and gate from those of out (may be null) and of the
+// two losses (device scalars, may be null).
+struct AlignParams {
+  int64_t rows = 0;
+  int head_dim = 0;  // even
+  const __nv_bfloat16* full = nullptr;
+  const __nv_bfloat16* sparse = nullptr;
+  const __nv_bfloat16* gate = nullptr;
+  bool pass_full = true, after_gate = true;
+  float beta = 1.f;       // 0: L1
+  float inv_count = 0.f;  // 1 / (rows * head_dim)
+  __nv_bfloat16* out = nullptr;
+  float* partial = nullptr;  // [align_blocks(rows)]
+  const __nv_bfloat16* grad_out = nullptr;
+  const float* grad_ls = nullptr;
+  const float* grad_lc = nullptr;
+  __nv_bfloat16* grad_full = nullptr;
+  __nv_bfloat16* grad_sparse = nullptr;
+  __nv_bfloat16* grad_gate = nullptr;
+};
+int align_blocks(int64_t rows);  // grid of the forward (the partial count)
+cudaError_t launch_align_forward(const AlignParams& p, cudaStream_t stream);
+cudaError_t launch_align_backward(const AlignParams& p, cudaStream_t stream);
+
 }  // namespace ssa::kernels::cuda

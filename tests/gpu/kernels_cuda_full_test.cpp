@@ -9,6 +9,9 @@
 #include <limits>
 #include <string>
 
+#include <fmt/format.h>
+
+#include "kernels/alignment.h"
 #include "kernels/attention.h"
 #include "kernels/rotary.h"
 #include "kernels_gpu_support.h"
@@ -128,6 +131,54 @@ TEST(CudaRotary, FusedRotationMatchesTheFormula) {
   // Wrong table shapes are refused with the expected shape named.
   const at::Tensor x = at::randn({b, s, h, d}, gpu(at::kBFloat16));
   EXPECT_THROW(rotate_pairs(x, cos.narrow(0, 0, 5).cuda(), sin.narrow(0, 0, 5).cuda()), c10::Error);
+}
+
+// The fused gate-and-align kernels against the ATen formula on the same bf16
+// inputs: the passed-on output bit for bit (same bf16 rounding of the gated
+// values), the losses to fp32 summation order, the gradients of full, sparse and
+// gate to bf16 precision (the formula rounds its intermediate gradients to bf16).
+TEST(CudaAlignment, FusedGateAndAlignMatchTheFormula) {
+  SSA_REQUIRE_GPU();
+  at::manual_seed(11);
+  for (const int64_t d : {64, 128, 40}) {
+    const at::Tensor full = at::randn({2, 33, 3, d}, gpu());
+    // Streams close to each other and far apart: both branches of SmoothL1.
+    const at::Tensor sparse = (full.to(at::kFloat) + at::randn_like(full, gpu(at::kFloat)) *
+                                                          at::rand({2, 33, 3, 1}, gpu(at::kFloat)) * 3.0)
+                                  .to(at::kBFloat16);
+    const at::Tensor gate = at::sigmoid(at::randn({2, 33, 3, 1}, gpu(at::kFloat))).to(at::kBFloat16);
+    const at::Tensor w = at::randn_like(full, gpu(at::kFloat));
+    for (const bool pass_full : {true, false})
+      for (const bool after_gate : {true, false})
+        for (const double beta : {1.0, 0.05, 0.0}) {
+          const std::string what = fmt::format("D {} pass_full {} after_gate {} beta {}", d, pass_full, after_gate, beta);
+          std::vector<at::Tensor> grads[2];
+          GatedAlignment r[2];
+          for (int fused = 0; fused < 2; ++fused) {
+            const at::Tensor f = full.clone().requires_grad_(true), s = sparse.clone().requires_grad_(true);
+            const at::Tensor g = gate.clone().requires_grad_(true);
+            r[fused] = fused ? gate_and_align(f, s, g, pass_full, after_gate, beta)
+                             : gate_and_align_reference(f, s, g, pass_full, after_gate, beta);
+            const at::Tensor loss = (r[fused].out.to(at::kFloat) * w).sum() + 30.0 * r[fused].sparsity_loss +
+                                    70.0 * r[fused].commitment_loss;
+            grads[fused] = torch::autograd::grad({loss}, {f, s, g});
+          }
+          EXPECT_TRUE(at::equal(r[1].out, r[0].out)) << what;
+          EXPECT_NEAR(r[1].sparsity_loss.item<double>(), r[0].sparsity_loss.item<double>(),
+                      1e-5 * r[0].sparsity_loss.item<double>()) << what;
+          EXPECT_NEAR(r[1].commitment_loss.item<double>(), r[0].sparsity_loss.item<double>(),
+                      1e-5 * r[0].sparsity_loss.item<double>()) << what;
+          EXPECT_GT(r[0].sparsity_loss.item<double>(), 1e-3) << what;  // not a vacuous comparison
+          for (int i = 0; i < 3; ++i) {
+            EXPECT_LT(relative_error(grads[1][i].to(at::kFloat).cpu(), grads[0][i].to(at::kFloat).cpu()), 1e-2)
+                << what << " gradient " << i;
+          }
+        }
+  }
+  // Mismatched shapes are refused.
+  const at::Tensor x = at::randn({1, 4, 2, 8}, gpu());
+  EXPECT_THROW(gate_and_align(x, x.narrow(1, 0, 2), at::ones({1, 4, 2, 1}, gpu()), true, true, 1.0),
+               std::invalid_argument);
 }
 
 }  // namespace
