@@ -228,6 +228,33 @@ AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tenso
                                               k_start);
 }
 
+void sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                    const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                    int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc) {
+  constexpr const char* fn = "sparse_attention_backward_into";
+  if (!dq_acc.defined() || !dk_acc.defined() || !dv_acc.defined() || dq_acc.sizes() != q.sizes() ||
+      dk_acc.sizes() != k.sizes() || dv_acc.sizes() != v.sizes()) {
+    throw std::runtime_error(fmt::format("kernels::{}: the accumulators must be shaped like q, k and v", fn));
+  }
+#ifdef SSA_WITH_CUDA
+  check_merged_grad_inputs(fn, dout, q, k, v, out, lse);
+  check_options(fn, options);
+  check_starts(fn, q_start, k_start);
+  if (use_cuda(fn, options.backend, q, k, 0, options.block_size)) {
+    check_block_ids(fn, block_ids, q, k.size(2), false);
+    if (cuda::sparse_attention_backward_into(dout, q, k, v, out, lse, block_ids, options, q_start, k_start, dq_acc,
+                                             dk_acc, dv_acc)) {
+      return;
+    }
+  }
+#endif
+  const AttentionGrads g = sparse_attention_backward(dout, q, k, v, out, lse, block_ids, options, q_start, k_start);
+  dq_acc.add_(g.dq);
+  dk_acc.add_(g.dk);
+  dv_acc.add_(g.dv);
+}
+
 AttentionResult merge_partials(const AttentionResult& a, const AttentionResult& b) {
   return reference::merge_partials(a, b);
 }

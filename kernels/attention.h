@@ -122,6 +122,14 @@ AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tenso
                                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                          const at::Tensor& block_ids, const SparseOptions& options,
                                          int64_t q_start = 0, int64_t k_start = 0);
+// The same gradients added into accumulators shaped like q, k, v (e.g. fp32 rows
+// of a context-parallel rank's sums): the CUDA kernels add them in place (no
+// bf16 copies, no separate additions) when the accumulators are fp32 with
+// dims 1-3 contiguous and the options are not deterministic.
+void sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                    const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                    int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc);
 
 // Merges two partial attention results over disjoint key sets (fp32 LSE merge).
 AttentionResult merge_partials(const AttentionResult& a, const AttentionResult& b);

@@ -27,6 +27,13 @@ AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tenso
                                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                          const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
                                          int64_t k_start);
+// sparse_attention_backward adding its dq, dk, dv into fp32 accumulators shaped
+// like q, k, v (dims 1-3 contiguous, any batch stride); false (nothing done) when
+// they or the options (deterministic) do not fit, then the caller adds the results.
+bool sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                    const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                    int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc);
 AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_ids,
                                int64_t block_size);
 // kernels::merge_into for fp32 CUDA accumulators; false (nothing done) when the

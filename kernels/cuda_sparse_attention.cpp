@@ -42,13 +42,18 @@ struct Gradients {
   at::Tensor dq, dk, dv;
 };
 
+// fp32 accumulators the gradients are added into (dims 1-3 contiguous).
+struct Accumulators {
+  at::Tensor dq, dk, dv;
+};
+
 // dq runs on the current stream while dk/dv run on a side stream (independent
 // work; each alone leaves the GPU partly idle); the current stream waits for the
 // side stream before the gradients are returned. index == null: no dk/dv.
 Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_ids,
                            const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
                            const at::Tensor& dlse, const Shape& shape, bool deterministic,
-                           const InvertedIndex* index_ptr) {
+                           const InvertedIndex* index_ptr, const Accumulators* into = nullptr) {
   const c10::cuda::CUDAStream main_stream = at::cuda::getCurrentCUDAStream();
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, f32);
@@ -64,8 +69,14 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
   SSA_CUDA_CHECK(launch_backward_prep(prep, main_stream));
 
   Gradients g;
-  g.dq = at::empty_like(q);
   BackwardDqParams dqp;
+  if (into != nullptr) {
+    dqp.dq_acc = into->dq.data_ptr<float>();
+    dqp.dq_acc_batch_stride = into->dq.stride(0);
+  } else {
+    g.dq = at::empty_like(q);
+    dqp.dq = bf16_mut(g.dq);
+  }
   dqp.shape = shape;
   dqp.q = bf16_ptr(q);
   dqp.k = bf16_ptr(k);
@@ -74,7 +85,6 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
   dqp.block_ids = block_ids.data_ptr<int32_t>();
   dqp.delta = delta.data_ptr<float>();
   dqp.lse_log2 = lse_log2.data_ptr<float>();
-  dqp.dq = bf16_mut(g.dq);
   SSA_CUDA_CHECK(launch_backward_dq(dqp, main_stream));
 
   if (index_ptr == nullptr) return g;  // k and v need no gradient
@@ -122,18 +132,26 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
       rp.dk = bf16_mut(g.dk);
       rp.dv = bf16_mut(g.dv);
       SSA_CUDA_CHECK(launch_dkdv_reduce(rp, side));
-    } else {
-      at::Tensor dk_acc = at::zeros(k.sizes(), f32);
-      at::Tensor dv_acc = at::zeros(v.sizes(), f32);
-      kp.dk_acc = dk_acc.data_ptr<float>();
-      kp.dv_acc = dv_acc.data_ptr<float>();
+    } else if (into != nullptr) {
+      kp.dk_acc = into->dk.data_ptr<float>();
+      kp.dv_acc = into->dv.data_ptr<float>();
+      kp.acc_batch_stride = into->dk.stride(0);
       SSA_CUDA_CHECK(launch_backward_dkdv(kp, side));
-      g.dk = dk_acc.to(at::kBFloat16);
-      g.dv = dv_acc.to(at::kBFloat16);
+    } else {
+      // One zeroed fp32 buffer for both, one conversion of both.
+      at::Tensor acc = at::zeros({2, k.size(0), k.size(1), k.size(2), k.size(3)}, f32);
+      kp.dk_acc = acc[0].data_ptr<float>();
+      kp.dv_acc = acc[1].data_ptr<float>();
+      SSA_CUDA_CHECK(launch_backward_dkdv(kp, side));
+      const at::Tensor both = acc.to(at::kBFloat16);
+      g.dk = both[0];
+      g.dv = both[1];
     }
     // dk, dv were allocated on the side stream and are used on the main one next.
-    g.dk.record_stream(main_stream);
-    g.dv.record_stream(main_stream);
+    if (g.dk.defined()) {
+      g.dk.record_stream(main_stream);
+      g.dv.record_stream(main_stream);
+    }
   }
   at::cuda::CUDAEvent side_done;
   side_done.record(side);
@@ -273,6 +291,28 @@ AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const
                                                          block_ids.contiguous(), options.block_size, q_start, k_start,
                                                          options.deterministic, kv_grad);
   return {r[0], r[1]};
+}
+
+bool sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                    const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                    int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc) {
+  auto fits = [](const at::Tensor& acc, const at::Tensor& like) {
+    return acc.scalar_type() == at::kFloat && acc.device() == like.device() && acc.sizes() == like.sizes() &&
+           acc.stride(3) == 1 && acc.stride(2) == acc.size(3) && acc.stride(1) == acc.size(2) * acc.size(3);
+  };
+  if (options.deterministic || !fits(dq_acc, q) || !fits(dk_acc, k) || !fits(dv_acc, v)) return false;
+  const Shape shape = checked_shape("sparse_attention_backward", q, k, v, block_ids, options, q_start, k_start);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::NoGradGuard no_grad;
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), ids = block_ids.contiguous();
+  const at::Tensor o = out.to(at::kBFloat16).contiguous();
+  const at::Tensor l = lse.to(at::kFloat).contiguous();
+  const at::Tensor d = dout.to(at::kBFloat16).contiguous();
+  const InvertedIndex index = build_inverted_index(ids, shape, false);
+  const Accumulators into{dq_acc, dk_acc, dv_acc};
+  backward_kernels(qc, kc, vc, ids, o, l, d, at::Tensor(), shape, false, &index, &into);
+  return true;
 }
 
 AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,

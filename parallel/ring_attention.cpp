@@ -260,16 +260,17 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     const at::Tensor gq = g.narrow(1, w.q_row, w.q_len), qq = q.narrow(1, w.q_row, w.q_len);
     const at::Tensor k_rows = kk.narrow(1, w.kv_row, w.kv_len), v_rows = vv.narrow(1, w.kv_row, w.kv_len);
     const at::Tensor oq = o.narrow(1, w.q_row, w.q_len), lq = l.narrow(2, w.q_row, w.q_len);
-    kernels::AttentionGrads pg;
-    if (w.sparse) {
-      pg = kernels::sparse_attention_backward(gq, qq, k_rows, v_rows, oq, lq, block_ids_of(setup, w), setup.options,
-                                              w.q_pos, w.k_pos);
-    } else {
-      pg = kernels::full_attention_backward(gq, qq, k_rows, v_rows, oq, lq, w.q_pos, w.k_pos);
+    at::Tensor dq_rows = dq.narrow(1, w.q_row, w.q_len);
+    at::Tensor dk_rows = dk_buf.narrow(1, w.kv_row, w.kv_len), dv_rows = dv_buf.narrow(1, w.kv_row, w.kv_len);
+    if (w.sparse) {  // added in place by the CUDA kernels
+      kernels::sparse_attention_backward_into(gq, qq, k_rows, v_rows, oq, lq, block_ids_of(setup, w), setup.options,
+                                              w.q_pos, w.k_pos, dq_rows, dk_rows, dv_rows);
+      return;
     }
-    dq.narrow(1, w.q_row, w.q_len).add_(pg.dq);
-    dk_buf.narrow(1, w.kv_row, w.kv_len).add_(pg.dk);
-    dv_buf.narrow(1, w.kv_row, w.kv_len).add_(pg.dv);
+    const kernels::AttentionGrads pg = kernels::full_attention_backward(gq, qq, k_rows, v_rows, oq, lq, w.q_pos, w.k_pos);
+    dq_rows.add_(pg.dq);
+    dk_rows.add_(pg.dk);
+    dv_rows.add_(pg.dv);
   };
 
   if (setup.transport == SparseTransport::kSelectedBlocks) {

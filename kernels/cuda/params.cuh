@@ -62,6 +62,10 @@ struct BackwardDqParams {
   const float* delta = nullptr;     // [B, Sq, Hq]
   const float* lse_log2 = nullptr;  // [B, Sq, Hq]
   __nv_bfloat16* dq = nullptr;
+  // Instead of dq: added into fp32 rows laid out like q's within a batch entry,
+  // batch entries dq_acc_batch_stride elements apart.
+  float* dq_acc = nullptr;
+  int64_t dq_acc_batch_stride = 0;
 };
 cudaError_t launch_backward_dq(const BackwardDqParams& p, cudaStream_t stream);
 
@@ -96,8 +100,9 @@ struct BackwardDkdvParams {
   int n_token_chunks = 0;
   int block_first = 0;
   int blocks_per_chunk = 0;
-  float* dk_acc = nullptr;  // atomic mode
-  float* dv_acc = nullptr;
+  float* dk_acc = nullptr;  // atomic mode; rows laid out like k's within a batch entry,
+  float* dv_acc = nullptr;  // batch entries acc_batch_stride elements apart (0: Sk * Hkv * D)
+  int64_t acc_batch_stride = 0;
   float* partial_dk = nullptr;  // deterministic mode: [n_items * tiles_per_block, 16, D]
   float* partial_dv = nullptr;
 };

@@ -211,7 +211,8 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 3 : 1) backward_dkdv_k
   for (int r = 0; r < 2; ++r) {
     const int64_t kp = it.tile_start + group + 8 * r;
     if (kp < it.lo || kp >= it.hi) continue;
-    const int64_t base = head_offset + (kp - k_lo) * row_stride + tig * 2;
+    const int64_t batch_stride = p.acc_batch_stride > 0 ? p.acc_batch_stride : s.sk * row_stride;
+    const int64_t base = it.b * batch_stride + (kp - k_lo) * row_stride + static_cast<int64_t>(it.kvh) * kD + tig * 2;
 #pragma unroll
     for (int i = 0; i < kD / 8; ++i) {
       atomicAdd(reinterpret_cast<float2*>(p.dk_acc + base + i * 8), make_float2(dk[i][2 * r] * scale, dk[i][2 * r + 1] * scale));

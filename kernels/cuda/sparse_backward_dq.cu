@@ -147,6 +147,17 @@ __global__ void __launch_bounds__(kWarps * 32) backward_dq_kernel(const Backward
   for (int r = 0; r < 2; ++r) {
     const int row = group + 8 * r;
     if (row >= rows_valid) continue;
+    if (p.dq_acc != nullptr) {  // each row has one owner warp: a plain read-add-write
+      const int64_t within = (static_cast<int64_t>(t) * s.hq + head0 + row) * kD + tig * 2;
+      float* acc = p.dq_acc + b * p.dq_acc_batch_stride + within;
+#pragma unroll
+      for (int i = 0; i < kD / 8; ++i) {
+        float2* cell = reinterpret_cast<float2*>(acc + i * 8);
+        const float2 old = *cell;
+        *cell = make_float2(old.x + dq[i][2 * r] * scale, old.y + dq[i][2 * r + 1] * scale);
+      }
+      continue;
+    }
     __nv_bfloat16* out = p.dq + (row0 + row) * kD + tig * 2;
 #pragma unroll
     for (int i = 0; i < kD / 8; ++i) {
