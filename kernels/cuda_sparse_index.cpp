@@ -16,8 +16,10 @@ namespace {
 // warps running at one time read the q/do rows of about one chunk (a few MiB, in
 // L2) instead of rows from the whole sequence.
 constexpr int kTokenChunk = 4096;
-// Queries per placement warp (a chunk has kTokenChunk / kSubChunk of them).
-constexpr int kSubChunk = 256;
+// Queries per placement warp (a chunk has kTokenChunk / kSubChunk of them). A
+// warp's placements are a serial chain (top_k per 32 queries), so smaller runs
+// mean more warps at once; each costs one counter per bucket (zeroed, scanned).
+constexpr int kSubChunk = 64;
 
 }  // namespace
 
