@@ -65,23 +65,28 @@ struct TopK {
     return __shfl_sync(kFull, v, (k - 1) & 31);
   }
   // Inserts after every entry with score >= s (the list shifts down by one).
-  __device__ void insert(float s, int id, int lane) {
-    float pa = __shfl_up_sync(kFull, s0, 1), pb = __shfl_up_sync(kFull, s1, 1);
-    int ia = __shfl_up_sync(kFull, i0, 1), ib = __shfl_up_sync(kFull, i1, 1);
-    const float a31 = __shfl_sync(kFull, s0, 31);
-    const int ia31 = __shfl_sync(kFull, i0, 31);
-    if (lane == 0) {
-      pa = INFINITY;
-      pb = a31;
-      ib = ia31;
+  // wide (k > 32, warp-uniform): the second list (entries 32..63) shifts too.
+  __device__ void insert(float s, int id, int lane, bool wide) {
+    float pa = __shfl_up_sync(kFull, s0, 1);
+    int ia = __shfl_up_sync(kFull, i0, 1);
+    if (lane == 0) pa = INFINITY;
+    if (wide) {
+      float pb = __shfl_up_sync(kFull, s1, 1);
+      int ib = __shfl_up_sync(kFull, i1, 1);
+      const float a31 = __shfl_sync(kFull, s0, 31);
+      const int ia31 = __shfl_sync(kFull, i0, 31);
+      if (lane == 0) {
+        pb = a31;
+        ib = ia31;
+      }
+      if (!(s1 >= s)) {
+        i1 = pb >= s ? id : ib;
+        s1 = pb >= s ? s : pb;
+      }
     }
     if (!(s0 >= s)) {
       i0 = pa >= s ? id : ia;
       s0 = pa >= s ? s : pa;
-    }
-    if (!(s1 >= s)) {
-      i1 = pb >= s ? id : ib;
-      s1 = pb >= s ? s : pb;
     }
   }
   // The first k entries' ids in ascending order, -1 slots last.
@@ -363,7 +368,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
               want &= want - 1;
               const float score = __shfl_sync(kFull, v[r], src);
               if (score > thr[i]) {
-                best[i].insert(score, j0 + (src >> 2) + 8 * r, lane);
+                best[i].insert(score, j0 + (src >> 2) + 8 * r, lane, top_k > 32);
                 thr[i] = best[i].threshold(top_k);
               }
             }
@@ -416,7 +421,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
         want &= want - 1;
         const float score = __shfl_sync(kFull, v, src);
         if (score > thr) {
-          best.insert(score, base + src, lane);
+          best.insert(score, base + src, lane, top_k > 32);
           thr = best.threshold(top_k);
         }
       }
