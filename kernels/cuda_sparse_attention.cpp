@@ -293,6 +293,29 @@ AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const
   return {r[0], r[1]};
 }
 
+namespace {
+
+// The backward of one part of a merged result from the merged out and lse: the
+// kernels take the merged statistics as they take their own (P = exp2(s log2e -
+// lse log2e) over this call's keys, delta = rowsum(dO * out)). into: add the
+// gradients there instead of returning them.
+Gradients merged_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& out, const at::Tensor& lse, const at::Tensor& block_ids,
+                          const SparseOptions& options, int64_t q_start, int64_t k_start,
+                          const Accumulators* into) {
+  const Shape shape = checked_shape("sparse_attention_backward", q, k, v, block_ids, options, q_start, k_start);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::NoGradGuard no_grad;
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), ids = block_ids.contiguous();
+  const at::Tensor o = out.to(at::kBFloat16).contiguous();
+  const at::Tensor l = lse.to(at::kFloat).contiguous();
+  const at::Tensor d = dout.to(at::kBFloat16).contiguous();
+  const InvertedIndex index = build_inverted_index(ids, shape, options.deterministic);
+  return backward_kernels(qc, kc, vc, ids, o, l, d, at::Tensor(), shape, options.deterministic, &index, into);
+}
+
+}  // namespace
+
 bool sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                     const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
@@ -302,16 +325,8 @@ bool sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q,
            acc.stride(3) == 1 && acc.stride(2) == acc.size(3) && acc.stride(1) == acc.size(2) * acc.size(3);
   };
   if (options.deterministic || !fits(dq_acc, q) || !fits(dk_acc, k) || !fits(dv_acc, v)) return false;
-  const Shape shape = checked_shape("sparse_attention_backward", q, k, v, block_ids, options, q_start, k_start);
-  const c10::cuda::CUDAGuard guard(q.device());
-  at::NoGradGuard no_grad;
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), ids = block_ids.contiguous();
-  const at::Tensor o = out.to(at::kBFloat16).contiguous();
-  const at::Tensor l = lse.to(at::kFloat).contiguous();
-  const at::Tensor d = dout.to(at::kBFloat16).contiguous();
-  const InvertedIndex index = build_inverted_index(ids, shape, false);
   const Accumulators into{dq_acc, dk_acc, dv_acc};
-  backward_kernels(qc, kc, vc, ids, o, l, d, at::Tensor(), shape, false, &index, &into);
+  merged_backward(dout, q, k, v, out, lse, block_ids, options, q_start, k_start, &into);
   return true;
 }
 
@@ -319,17 +334,7 @@ AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tenso
                                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                          const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
                                          int64_t k_start) {
-  const Shape shape = checked_shape("sparse_attention_backward", q, k, v, block_ids, options, q_start, k_start);
-  const c10::cuda::CUDAGuard guard(q.device());
-  at::NoGradGuard no_grad;
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), ids = block_ids.contiguous();
-  // The kernels take the merged statistics as they take their own: P = exp2(s
-  // log2e - lse log2e) over this call's keys, delta = rowsum(dO * out).
-  const at::Tensor o = out.to(at::kBFloat16).contiguous();
-  const at::Tensor l = lse.to(at::kFloat).contiguous();
-  const at::Tensor d = dout.to(at::kBFloat16).contiguous();
-  const InvertedIndex index = build_inverted_index(ids, shape, options.deterministic);
-  Gradients g = backward_kernels(qc, kc, vc, ids, o, l, d, at::Tensor(), shape, options.deterministic, &index);
+  const Gradients g = merged_backward(dout, q, k, v, out, lse, block_ids, options, q_start, k_start, nullptr);
   return {g.dq, g.dk, g.dv};
 }
 
