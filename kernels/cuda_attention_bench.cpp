@@ -7,6 +7,7 @@
 #include "kernels/cuda_attention_tools.h"
 
 #ifdef SSA_WITH_CUDA
+#include <ATen/core/grad_mode.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_runtime_api.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -53,6 +54,36 @@ double visible_pairs(const at::Tensor& ids, int64_t block_size, int64_t group) {
   return at::where(idl >= 0, keys, at::zeros_like(keys)).sum().item<double>() * static_cast<double>(group);
 }
 
+struct Inputs {
+  at::Tensor q, k, v, dout;
+};
+
+Inputs random_inputs(const BenchShape& shape) {
+  const int64_t b = shape.batch, s = shape.seq;
+  const auto bf16 = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  at::manual_seed(0);
+  Inputs in;
+  in.q = at::randn({b, s, shape.heads, shape.head_dim}, bf16);
+  in.k = at::randn({b, s, shape.kv_heads, shape.head_dim}, bf16);
+  in.v = at::randn({b, s, shape.kv_heads, shape.head_dim}, bf16);
+  in.dout = at::randn({b, s, shape.heads, shape.head_dim}, bf16);
+  return in;
+}
+
+SparseOptions cuda_options(const BenchShape& shape) {
+  SparseOptions opt = shape.options;
+  opt.backend = Backend::kCuda;
+  return opt;
+}
+
+// Selection on the pooled keys, then the sparse forward and backward of out.
+void select_forward_backward(const Inputs& in, const at::Tensor& qg, const at::Tensor& kg, const at::Tensor& vg,
+                             const SparseOptions& opt, const at::Tensor* given_ids) {
+  const at::Tensor ids = given_ids != nullptr ? *given_ids : select_blocks(in.q, pool_keys(in.k, opt.block_size), opt);
+  const AttentionResult r = sparse_attention(qg, kg, vg, ids, opt);
+  torch::autograd::grad({r.out}, {qg, kg, vg}, {in.dout});
+}
+
 BenchRow row(const std::string& name, double ms, double flops, double bytes) {
   return {name, ms, flops / (ms * 1e-3) / 1e12, bytes / (ms * 1e-3) / 1e9};
 }
@@ -62,12 +93,9 @@ BenchRow row(const std::string& name, double ms, double flops, double bytes) {
 BenchReport run_bench(const BenchShape& shape, int warmup, int iters) {
   const int64_t b = shape.batch, s = shape.seq, hq = shape.heads, hkv = shape.kv_heads, d = shape.head_dim;
   const int64_t group = hq / hkv, bs = shape.options.block_size, top_k = shape.options.top_k;
-  SparseOptions opt = shape.options;
-  opt.backend = Backend::kCuda;
-  const auto bf16 = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
-  at::manual_seed(0);
-  const at::Tensor q = at::randn({b, s, hq, d}, bf16), k = at::randn({b, s, hkv, d}, bf16),
-                   v = at::randn({b, s, hkv, d}, bf16), dout = at::randn({b, s, hq, d}, bf16);
+  const SparseOptions opt = cuda_options(shape);
+  const Inputs in = random_inputs(shape);
+  const at::Tensor &q = in.q, &k = in.k, &v = in.v, &dout = in.dout;
   const double e = 2.0;  // bytes per bf16 element
   const double q_bytes = static_cast<double>(b * s * hq * d) * e, kv_bytes = static_cast<double>(b * s * hkv * d) * e;
   const double ids_bytes = static_cast<double>(b * s * hkv * top_k) * 4, lse_bytes = static_cast<double>(b * s * hq) * 4;
@@ -93,13 +121,9 @@ BenchReport run_bench(const BenchShape& shape, int warmup, int iters) {
   }
   const at::Tensor qg = q.detach().requires_grad_(true), kg = k.detach().requires_grad_(true),
                    vg = v.detach().requires_grad_(true);
-  auto fwd_bwd = [&](const at::Tensor& block_ids) {
-    const AttentionResult r = sparse_attention(qg, kg, vg, block_ids, opt);
-    torch::autograd::grad({r.out}, {qg, kg, vg}, {dout});
-  };
-  const double ms_fb = time_ms([&] { fwd_bwd(ids); }, warmup, iters);
+  const double ms_fb = time_ms([&] { select_forward_backward(in, qg, kg, vg, opt, &ids); }, warmup, iters);
   report.rows.push_back(row("sparse fwd+bwd", ms_fb, 3.5 * fwd_flops, bwd_bytes));
-  const double ms_total = time_ms([&] { fwd_bwd(select_blocks(q, pool_keys(k, bs), opt)); }, warmup, iters);
+  const double ms_total = time_ms([&] { select_forward_backward(in, qg, kg, vg, opt, nullptr); }, warmup, iters);
   report.rows.push_back(row("sparse total: select+fwd+bwd", ms_total, 3.5 * fwd_flops, bwd_bytes));
 
   // cuDNN dense causal attention, GQA by expanding k/v to every query head
@@ -127,6 +151,13 @@ BenchReport run_bench(const BenchShape& shape, int warmup, int iters) {
       warmup, iters);
   report.rows.push_back(row("cuDNN dense fwd+bwd", ms_dense_fb, 3.5 * dense_flops, 2 * dense_fwd_bytes + 4 * q_bytes));
   return report;
+}
+
+std::function<void()> sparse_total_step(const BenchShape& shape) {
+  const Inputs in = random_inputs(shape);
+  const at::Tensor qg = in.q.detach().requires_grad_(true), kg = in.k.detach().requires_grad_(true),
+                   vg = in.v.detach().requires_grad_(true);
+  return [in, qg, kg, vg, opt = cuda_options(shape)] { select_forward_backward(in, qg, kg, vg, opt, nullptr); };
 }
 
 }  // namespace ssa::kernels::cuda

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -60,6 +61,10 @@ struct BenchReport {
 
 // Median times over `iters` runs (after `warmup`), CUDA events on one stream.
 BenchReport run_bench(const BenchShape& shape, int warmup, int iters);
+
+// The bench's "sparse total" case as one callable (selection, forward and
+// backward on the bench's random inputs), for profiling it.
+std::function<void()> sparse_total_step(const BenchShape& shape);
 
 }  // namespace ssa::kernels::cuda
 #endif  // SSA_WITH_CUDA

@@ -7,15 +7,22 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <filesystem>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "core/step_profiler.h"
 #include "core/tensor_file.h"
 #include "kernels/attention.h"
 #include "kernels/cuda_attention.h"
 #include "kernels/cuda_attention_tools.h"
 #include "launch/commands.h"
+
+#ifdef SSA_WITH_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 namespace ssa::launch {
 namespace {
@@ -137,7 +144,23 @@ int run_check(const AttnArgs& a, const std::string& input, const std::string& ou
   return all_ok ? kExitOk : kExitFailure;
 }
 
-int run_bench(const AttnArgs& a, int warmup, int iters) {
+// The sparse total case (selection, forward, backward) under the LibTorch profiler:
+// `iters` runs after `warmup`, each synchronised, traced into dir/seq<S>/.
+void profile_sparse_total(const kernels::cuda::BenchShape& shape, int warmup, int iters, const std::string& dir) {
+  const std::function<void()> step = kernels::cuda::sparse_total_step(shape);
+  const std::filesystem::path run_dir = std::filesystem::path(dir) / fmt::format("seq{}", shape.seq);
+  std::filesystem::create_directories(run_dir);
+  core::StepProfiler profiler(warmup + 1, iters, run_dir, /*rank=*/0, /*cuda=*/true, /*print=*/false);
+  for (int i = 1; i <= warmup + iters; ++i) {
+    profiler.before_step(i);
+    step();
+    c10::cuda::device_synchronize();
+    profiler.after_step(i);
+  }
+  fmt::print("  profile of {} sparse total runs: {}\n", iters, (run_dir / "profile-rank0.json").string());
+}
+
+int run_bench(const AttnArgs& a, int warmup, int iters, const std::string& profile_dir) {
   const std::vector<int64_t> seqs = a.seqs.empty() ? std::vector<int64_t>{8192, 32768} : a.seqs;
   for (int64_t s : seqs) {
     kernels::cuda::BenchShape shape;
@@ -164,6 +187,7 @@ int run_bench(const AttnArgs& a, int warmup, int iters) {
       fmt::print("  {:<30} {:>9.3f} {:>9.1f} {:>12.0f} {:>13.2f}x\n", row.name, row.ms, row.tflops, row.gbps,
                  ref / row.ms);
     }
+    if (!profile_dir.empty()) profile_sparse_total(shape, warmup, iters, profile_dir);
   }
   return kExitOk;
 }
@@ -205,13 +229,16 @@ void add_attn_command(CLI::App& app, int& exit_code) {
   bench->add_option("--seq", bench_args->seqs, "sequence lengths (default 8192 32768)")->check(CLI::PositiveNumber);
   bench->add_option("--warmup", *warmup, "untimed runs first")->check(CLI::NonNegativeNumber)->capture_default_str();
   bench->add_option("--iters", *iters, "timed runs (the median is printed)")->check(CLI::PositiveNumber)->capture_default_str();
-  bench->callback([bench_args, warmup, iters, &exit_code] {
+  auto profile = std::make_shared<std::string>();
+  bench->add_option("--profile", *profile,
+                    "also trace the sparse total case (LibTorch profiler) into DIR/seq<S>/profile-rank0.json");
+  bench->callback([bench_args, warmup, iters, profile, &exit_code] {
     if (!require_gpu("bench")) {
       exit_code = kExitFailure;
       return;
     }
 #ifdef SSA_WITH_CUDA
-    exit_code = run_bench(*bench_args, *warmup, *iters);
+    exit_code = run_bench(*bench_args, *warmup, *iters, *profile);
 #endif
   });
 }

@@ -9,6 +9,7 @@
 #                                  SSA_GPU_CHECK_PARTS: subset of "tests attn train1 cp" (default all)
 #                                  SSA_GPU_CHECK_CP_SETS: extra --set options for the 32K runs, e.g.
 #                                    "monitoring.profile_start=16 monitoring.profile_steps=2" (traces go to OUT)
+#                                  SSA_GPU_CHECK_CP_GRIDS: "dp:cp" pairs of the 32K runs (default "1:1 1:2 2:1")
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=$(realpath -m "${1:-gpu-check-out}")
@@ -59,8 +60,9 @@ if has cp && ((gpus >= 2)); then
         --set model.head_dim=64 --set model.ffn_hidden=4096 --set train.seq_len=32768 --set train.micro_batch=1
         --set attention.top_k=16 --set train.recompute=true --set train.steps=20 --set eval.at_end=false)
   for kv in ${SSA_GPU_CHECK_CP_SETS:-}; do long+=(--set "$kv"); done
-  for grid in "1 1 1" "1 2 1" "2 1 2"; do
-    read -r dp cp gb <<< "$grid"
+  for grid in ${SSA_GPU_CHECK_CP_GRIDS:-1:1 1:2 2:1}; do
+    IFS=: read -r dp cp <<< "$grid"
+    gb=$dp
     step "train: 32K tokens, dp=$dp cp=$cp global_batch=$gb"
     rm -rf "$work/run-dp$dp-cp$cp"
     timeout "$limit" "$root/launch/slurm/ssa-local.sh" -n $((dp * cp)) train --run-dir "$work/run-dp$dp-cp$cp" "${long[@]}" \
@@ -72,6 +74,8 @@ if has cp && ((gpus >= 2)); then
     done
   done
   step "cp = 2 and dp = 2 against cp = 1 (medians after 3 warm-up steps)"
-  "$ssa" report "$work/run-dp1-cp1" "$work/run-dp1-cp2" "$work/run-dp2-cp1" 2>&1 | tee -a "$out/summary.log"
+  runs=()
+  for grid in ${SSA_GPU_CHECK_CP_GRIDS:-1:1 1:2 2:1}; do runs+=("$work/run-dp${grid%%:*}-cp${grid##*:}"); done
+  "$ssa" report "${runs[@]}" 2>&1 | tee -a "$out/summary.log"
 fi
 step "done"
