@@ -1,5 +1,5 @@
 // LibTorch side of the CUDA block-sparse attention: checks, the autograd Function
-// (forward kernel; backward = prep, dq kernel, inverted index, dk/dv kernel), and
+// (forward kernel; backward = dq kernel, inverted index, dk/dv kernel), and
 // cuda::available().
 #include "kernels/cuda_attention.h"
 
@@ -11,6 +11,7 @@
 
 #include <fmt/format.h>
 
+#include <optional>
 #include <stdexcept>
 
 #include "kernels/cuda_launch.h"
@@ -47,56 +48,68 @@ struct Accumulators {
   at::Tensor dq, dk, dv;
 };
 
-// dq runs on the current stream while dk/dv run on a side stream (independent
-// work; each alone leaves the GPU partly idle); the current stream waits for the
-// side stream before the gradients are returned. index == null: no dk/dv.
+// What the dk/dv kernel works from: nothing (k and v need no gradient), an index
+// built during the forward, or one to build now from the block ids.
+struct KvGradWork {
+  bool wanted = false;
+  const InvertedIndex* prebuilt = nullptr;
+};
+
+// dq runs on the current stream. The index dk/dv need (unless prebuilt) is built
+// on a side stream meanwhile, and dk/dv follow there once dq has written delta
+// and lse_log2 (each of the two kernels fills the SMs' registers, so they would
+// not run side by side anyway). The current stream waits for the side stream
+// before the gradients are returned.
 Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_ids,
                            const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
-                           const at::Tensor& dlse, const Shape& shape, bool deterministic,
-                           const InvertedIndex* index_ptr, const Accumulators* into = nullptr) {
+                           const at::Tensor& dlse, const Shape& shape, bool deterministic, const KvGradWork& kv,
+                           const Accumulators* into = nullptr) {
   const c10::cuda::CUDAStream main_stream = at::cuda::getCurrentCUDAStream();
+  at::cuda::CUDAEvent inputs_ready;  // before dq: an index built here waits only for the ids
+  const bool build_index = kv.wanted && kv.prebuilt == nullptr;
+  if (build_index) inputs_ready.record(main_stream);
+  // Allocations first: dq is queued as soon as the host gets here.
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, f32);
   at::Tensor lse_log2 = at::empty_like(delta);
-  BackwardPrepParams prep;
-  prep.shape = shape;
-  prep.out = bf16_ptr(out);
-  prep.dout = bf16_ptr(dout);
-  prep.lse = lse.data_ptr<float>();
-  prep.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
-  prep.delta = delta.data_ptr<float>();
-  prep.lse_log2 = lse_log2.data_ptr<float>();
-  SSA_CUDA_CHECK(launch_backward_prep(prep, main_stream));
-
   Gradients g;
+  if (into == nullptr) g.dq = at::empty_like(q);
   BackwardDqParams dqp;
   if (into != nullptr) {
     dqp.dq_acc = into->dq.data_ptr<float>();
     dqp.dq_acc_batch_stride = into->dq.stride(0);
   } else {
-    g.dq = at::empty_like(q);
     dqp.dq = bf16_mut(g.dq);
   }
   dqp.shape = shape;
   dqp.q = bf16_ptr(q);
   dqp.k = bf16_ptr(k);
   dqp.v = bf16_ptr(v);
+  dqp.out = bf16_ptr(out);
   dqp.dout = bf16_ptr(dout);
+  dqp.lse = lse.data_ptr<float>();
+  dqp.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
   dqp.block_ids = block_ids.data_ptr<int32_t>();
   dqp.delta = delta.data_ptr<float>();
   dqp.lse_log2 = lse_log2.data_ptr<float>();
   SSA_CUDA_CHECK(launch_backward_dq(dqp, main_stream));
+  at::cuda::CUDAEvent dq_done;  // dk/dv read the delta and lse_log2 that dq wrote
+  dq_done.record(main_stream);
 
-  if (index_ptr == nullptr) return g;  // k and v need no gradient
+  if (!kv.wanted) return g;  // k and v need no gradient
 
-  // Side stream: starts after prep (it reads delta and lse_log2).
+  // Side stream: the index (unless prebuilt) while dq runs, then dk/dv.
   const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, q.device().index());
-  at::cuda::CUDAEvent prep_done;
-  prep_done.record(main_stream);
-  prep_done.block(side);
+  std::optional<InvertedIndex> built;
+  if (build_index) {
+    inputs_ready.block(side);
+    const c10::cuda::CUDAStreamGuard on_side(side);
+    built = build_inverted_index(block_ids, shape, deterministic);
+  }
+  dq_done.block(side);
   {
     const c10::cuda::CUDAStreamGuard on_side(side);
-    const InvertedIndex& index = *index_ptr;
+    const InvertedIndex& index = built ? *built : *kv.prebuilt;
     BackwardDkdvParams kp;
     kp.shape = shape;
     kp.q = bf16_ptr(q);
@@ -161,27 +174,30 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
 
 // The inverted index for dk/dv depends only on the block ids: when dk or dv will be
 // needed it is built during the forward on a side stream (its many small kernels
-// and one host sync overlap the forward kernel) and kept for the backward.
+// overlap the forward kernel) and kept for the backward. `ids_ready` was recorded
+// on the current stream once the ids were (before the forward kernel was queued,
+// so neither the side stream nor the forward's launch waits for the other); the
+// current stream waits on `done` before anything reads the index.
 // deterministic: the exact item count is read back (it sizes the partial sums).
-InvertedIndex build_index_beside(const at::Tensor& block_ids, const Shape& shape, bool deterministic) {
+struct IndexInFlight {
+  InvertedIndex index;
+  at::cuda::CUDAEvent done;
+};
+
+IndexInFlight index_beside(at::cuda::CUDAEvent& ids_ready, const at::Tensor& block_ids, const Shape& shape,
+                           bool deterministic) {
   const c10::cuda::CUDAStream main_stream = at::cuda::getCurrentCUDAStream();
   const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, block_ids.device().index());
-  at::cuda::CUDAEvent ids_ready;
-  ids_ready.record(main_stream);
   ids_ready.block(side);
-  InvertedIndex index;
-  {
-    const c10::cuda::CUDAStreamGuard on_side(side);
-    index = build_inverted_index(block_ids, shape, deterministic);
-    for (at::Tensor* t : {&index.entry_token, &index.item_bucket, &index.item_begin, &index.item_end,
-                          &index.bucket_item_begin, &index.n_items_device}) {
-      t->record_stream(main_stream);
-    }
+  IndexInFlight flight;
+  const c10::cuda::CUDAStreamGuard on_side(side);
+  flight.index = build_inverted_index(block_ids, shape, deterministic);
+  for (at::Tensor* t : {&flight.index.entry_token, &flight.index.item_bucket, &flight.index.item_begin,
+                        &flight.index.item_end, &flight.index.bucket_item_begin, &flight.index.n_items_device}) {
+    t->record_stream(main_stream);
   }
-  at::cuda::CUDAEvent index_done;
-  index_done.record(side);
-  index_done.block(main_stream);
-  return index;
+  flight.done.record(side);
+  return flight;
 }
 
 void save_index(AutogradContext* ctx, const InvertedIndex& index) {
@@ -237,14 +253,22 @@ class SparseAttentionFunction : public torch::autograd::Function<SparseAttention
                                const at::Tensor& block_ids, int64_t block_size, int64_t q_start, int64_t k_start,
                                bool deterministic, bool kv_grad) {
     const Shape shape = make_shape("sparse_attention", q, k, block_ids.size(3), block_size, q_start, k_start);
+    // Undefined output gradients stay undefined (no zero-filled dlse).
+    ctx->set_materialize_grads(false);
+    at::cuda::CUDAEvent ids_ready;
+    if (kv_grad) ids_ready.record(at::cuda::getCurrentCUDAStream());
     AttentionResult r = forward_kernel(q, k, v, block_ids, shape);
+    if (kv_grad) {
+      IndexInFlight index = index_beside(ids_ready, block_ids, shape, deterministic);
+      index.done.block(at::cuda::getCurrentCUDAStream());
+      save_index(ctx, index.index);
+    }
     ctx->save_for_backward({q, k, v, block_ids, r.out, r.lse});
     ctx->saved_data["block_size"] = block_size;
     ctx->saved_data["q_start"] = q_start;
     ctx->saved_data["k_start"] = k_start;
     ctx->saved_data["deterministic"] = deterministic;
     ctx->saved_data["has_index"] = kv_grad;
-    if (kv_grad) save_index(ctx, build_index_beside(block_ids, shape, deterministic));
     return {r.out, r.lse};
   }
 
@@ -262,7 +286,7 @@ class SparseAttentionFunction : public torch::autograd::Function<SparseAttention
     const bool has_index = ctx->saved_data["has_index"].toBool();
     if (has_index) index = load_index(ctx);
     Gradients g = backward_kernels(q, k, v, block_ids, out, lse, dout, dlse, shape,
-                                   ctx->saved_data["deterministic"].toBool(), has_index ? &index : nullptr);
+                                   ctx->saved_data["deterministic"].toBool(), KvGradWork{has_index, &index});
     return {g.dq, g.dk, g.dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -310,8 +334,8 @@ Gradients merged_backward(const at::Tensor& dout, const at::Tensor& q, const at:
   const at::Tensor o = out.to(at::kBFloat16).contiguous();
   const at::Tensor l = lse.to(at::kFloat).contiguous();
   const at::Tensor d = dout.to(at::kBFloat16).contiguous();
-  const InvertedIndex index = build_inverted_index(ids, shape, options.deterministic);
-  return backward_kernels(qc, kc, vc, ids, o, l, d, at::Tensor(), shape, options.deterministic, &index, into);
+  return backward_kernels(qc, kc, vc, ids, o, l, d, at::Tensor(), shape, options.deterministic,
+                          KvGradWork{true, nullptr}, into);
 }
 
 }  // namespace

@@ -48,6 +48,8 @@ InvertedIndex build_inverted_index(const at::Tensor& block_ids, const Shape& s, 
   at::Tensor counts = at::zeros({n_buckets * subs}, int_opts);
   index.entry_token = at::empty({n_entries}, int_opts);
   at::Tensor item_count = at::empty({n_buckets}, int_opts);
+  // Without buckets nothing writes it: its one element must read 0.
+  index.bucket_item_begin = n_buckets > 0 ? at::empty({n_buckets + 1}, int_opts) : at::zeros({1}, int_opts);
   index.item_bucket = at::empty({max_items}, int_opts);
   index.item_begin = at::empty({max_items}, int_opts);
   index.item_end = at::empty({max_items}, int_opts);
@@ -68,19 +70,19 @@ InvertedIndex build_inverted_index(const at::Tensor& block_ids, const Shape& s, 
   p.item_bucket = index.item_bucket.data_ptr<int32_t>();
   p.item_begin = index.item_begin.data_ptr<int32_t>();
   p.item_end = index.item_end.data_ptr<int32_t>();
+  p.bucket_item_begin = index.bucket_item_begin.data_ptr<int32_t>();
   SSA_CUDA_CHECK(launch_index_count(p, stream));
   const at::Tensor inclusive = at::cumsum(counts, 0, at::kInt);
-  at::Tensor cursors = inclusive - counts;
   p.inclusive = inclusive.data_ptr<int32_t>();
-  p.cursors = cursors.data_ptr<int32_t>();
   SSA_CUDA_CHECK(launch_index_place(p, stream));
   SSA_CUDA_CHECK(launch_index_items(p, stream));
-  const at::Tensor item_inclusive = at::cumsum(item_count, 0, at::kInt);
-  p.item_inclusive = item_inclusive.data_ptr<int32_t>();
+  if (n_buckets > 0) {
+    at::Tensor item_inclusive = index.bucket_item_begin.narrow(0, 1, n_buckets);
+    at::cumsum_out(item_inclusive, item_count, 0, at::kInt);
+  }
   SSA_CUDA_CHECK(launch_index_fill(p, stream));
 
-  index.bucket_item_begin = at::cat({at::zeros({1}, int_opts), item_inclusive});
-  index.n_items_device = n_buckets > 0 ? item_inclusive.narrow(0, n_buckets - 1, 1) : at::zeros({1}, int_opts);
+  index.n_items_device = index.bucket_item_begin.narrow(0, n_buckets, 1);
   index.n_items = exact_count ? index.n_items_device.item<int64_t>() : max_items;
   return index;
 }

@@ -57,12 +57,14 @@ __global__ void index_place_kernel(const InvertedIndexParams p) {
       const int64_t c = t < t_end ? counter_slot(p, b, t, h, ids[slot]) : -1;
       // Lanes with the same counter rank by lane; an invalid lane matches only itself.
       const unsigned same = __match_any_sync(0xffffffffu, c >= 0 ? c : -1 - lane);
-      const int base = c >= 0 ? p.cursors[c] : 0;
+      // counts[c] holds what counter c has still to place: its next entry goes to
+      // inclusive[c] - counts[c] (the exclusive scan, then onwards).
+      const int base = c >= 0 ? p.inclusive[c] - p.counts[c] : 0;
       __syncwarp();
       if (c >= 0) {
         const unsigned below = same & ((1u << lane) - 1u);
         p.entry_token[base + __popc(below)] = t;
-        if (below == 0) p.cursors[c] = base + __popc(same);  // the lowest lane advances the cursor
+        if (below == 0) p.counts[c] -= __popc(same);  // the lowest lane advances the counter
       }
       __syncwarp();
     }
@@ -79,6 +81,7 @@ __device__ __forceinline__ void bucket_range(const InvertedIndexParams& p, int64
 __global__ void index_items_kernel(const InvertedIndexParams p) {
   const int64_t bucket = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (bucket >= p.n_buckets) return;
+  if (bucket == 0) p.bucket_item_begin[0] = 0;  // the scan of item_count fills the rest
   int begin, end;
   bucket_range(p, bucket, begin, end);
   p.item_count[bucket] = (end - begin + kMaxEntriesPerItem - 1) / kMaxEntriesPerItem;
@@ -90,7 +93,7 @@ __global__ void index_fill_kernel(const InvertedIndexParams p) {
   int begin, end;
   bucket_range(p, bucket, begin, end);
   const int n = p.item_count[bucket];
-  const int first_item = p.item_inclusive[bucket] - n;
+  const int first_item = p.bucket_item_begin[bucket + 1] - n;
   for (int i = 0; i < n; ++i) {
     p.item_bucket[first_item + i] = static_cast<int32_t>(bucket);
     p.item_begin[first_item + i] = begin + i * kMaxEntriesPerItem;

@@ -38,29 +38,22 @@ struct ForwardParams {
 };
 cudaError_t launch_sparse_forward(const ForwardParams& p, cudaStream_t stream);
 
-// Backward, step 1: per (token, head) delta = sum_d o * do - dlse and lse * log2(e),
-// both laid out [B, Sq, Hq] fp32 so the G heads of a token are contiguous.
-struct BackwardPrepParams {
-  Shape shape;
-  const __nv_bfloat16* out = nullptr;
-  const __nv_bfloat16* dout = nullptr;
-  const float* lse = nullptr;   // [B, Hq, Sq]
-  const float* dlse = nullptr;  // [B, Hq, Sq] or null (no gradient into lse)
-  float* delta = nullptr;       // [B, Sq, Hq]
-  float* lse_log2 = nullptr;    // [B, Sq, Hq]
-};
-cudaError_t launch_backward_prep(const BackwardPrepParams& p, cudaStream_t stream);
-
-// Backward, step 2: dq per (token, kv head), iterating over its selected blocks.
+// Backward, step 1: dq per (token, kv head), iterating over its selected blocks.
+// It first forms, per (token, head), delta = sum_d o * do - dlse and lse * log2(e)
+// for its own rows, and writes both ([B, Sq, Hq] fp32, the G heads of a token
+// contiguous) for the dk/dv kernel.
 struct BackwardDqParams {
   Shape shape;
   const __nv_bfloat16* q = nullptr;
   const __nv_bfloat16* k = nullptr;
   const __nv_bfloat16* v = nullptr;
+  const __nv_bfloat16* out = nullptr;
   const __nv_bfloat16* dout = nullptr;
+  const float* lse = nullptr;   // [B, Hq, Sq]
+  const float* dlse = nullptr;  // [B, Hq, Sq] or null (no gradient into lse)
   const int32_t* block_ids = nullptr;
-  const float* delta = nullptr;     // [B, Sq, Hq]
-  const float* lse_log2 = nullptr;  // [B, Sq, Hq]
+  float* delta = nullptr;       // [B, Sq, Hq], written
+  float* lse_log2 = nullptr;    // [B, Sq, Hq], written
   __nv_bfloat16* dq = nullptr;
   // Instead of dq: added into fp32 rows laid out like q's within a batch entry,
   // batch entries dq_acc_batch_stride elements apart.
@@ -69,7 +62,7 @@ struct BackwardDqParams {
 };
 cudaError_t launch_backward_dq(const BackwardDqParams& p, cudaStream_t stream);
 
-// Backward, step 3: dk/dv per key tile from the inverted index (the queries that
+// Backward, step 2 (after dq, which writes delta and lse_log2): dk/dv per key tile from the inverted index (the queries that
 // selected each block). A work item is one key tile of one block and a run of at
 // most kMaxEntriesPerItem consecutive entries of the block's query list:
 //   entry_token [n_entries]  query row (0..Sq-1) of each entry, grouped by bucket
@@ -124,22 +117,23 @@ cudaError_t launch_dkdv_reduce(const DkdvReduceParams& p, cudaStream_t stream);
 // sub_chunk tokens, one placement warp each. Steps (the scans are LibTorch cumsums
 // between the launches):
 //   count:  counts[(bucket, sub)] = entries of that sub-chunk in the bucket (counts zeroed)
-//   place:  cursors = exclusive scan of counts; entry_token[cursor++] = token, in a
-//           fixed order (sub-chunk, 32-token group, slot, lane): deterministic
+//   place:  entry_token[inclusive - counts--] = token (the exclusive scan, onwards),
+//           in a fixed order (sub-chunk, 32-token group, slot, lane): deterministic
 //   items:  item_count[bucket] = ceil(entries / kMaxEntriesPerItem), from `inclusive`
-//   fill:   item_bucket / item_begin / item_end from item_inclusive
+//   fill:   item_bucket / item_begin / item_end from bucket_item_begin (0, then the
+//           scan of item_count)
 struct InvertedIndexParams {
   Shape shape;
   const int32_t* block_ids = nullptr;
   int token_chunk = 0, sub_chunk = 0, subs_per_chunk = 0, n_token_chunks = 0;
   int block_first = 0, blocks_per_chunk = 0;
   int64_t n_buckets = 0;
-  int32_t* counts = nullptr;           // [n_buckets * subs_per_chunk]
-  int32_t* cursors = nullptr;          // [n_buckets * subs_per_chunk]
-  const int32_t* inclusive = nullptr;  // [n_buckets * subs_per_chunk]
+  int32_t* counts = nullptr;           // [n_buckets * subs_per_chunk]; placing consumes them
+  const int32_t* inclusive = nullptr;  // [n_buckets * subs_per_chunk]: scan of the counts
   int32_t* entry_token = nullptr;      // [B * Sq * Hkv * top_k]
   int32_t* item_count = nullptr;       // [n_buckets]
-  const int32_t* item_inclusive = nullptr;  // [n_buckets]
+  // [n_buckets + 1]: 0 (written by the items kernel), then the scan of item_count.
+  int32_t* bucket_item_begin = nullptr;
   int32_t* item_bucket = nullptr;      // [upper bound of items]
   int32_t* item_begin = nullptr;
   int32_t* item_end = nullptr;

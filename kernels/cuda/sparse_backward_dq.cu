@@ -1,8 +1,8 @@
-// Block-sparse attention backward, steps 1 and 2:
-//  - prep: delta = rowsum(o * do) - dlse and lse * log2(e), per (token, head);
-//  - dq: one warp per (batch, token, kv head, tile of 16 query heads), walking the
-//    selected key tiles as the forward does: P = exp2(S - lse), dP = dO V^T,
-//    dS = P (dP - delta), dQ += dS K. Each dq row is owned by one warp: no atomics.
+// Block-sparse attention backward, step 1 (dq): one warp per (batch, token, kv
+// head, tile of 16 query heads). It forms its rows' delta = rowsum(o * do) - dlse
+// and lse * log2(e) (written out for the dk/dv kernel), then walks the selected
+// key tiles as the forward does: P = exp2(S - lse), dP = dO V^T,
+// dS = P (dP - delta), dQ += dS K. Each dq row is owned by one warp: no atomics.
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -18,48 +18,6 @@ using device::KeyTile;
 using device::TileWalker;
 
 constexpr int kWarps = 4;
-
-// 8 lanes per (b, token, head) row; each lane reads kD / 8 elements of o and do.
-template <int kD>
-__global__ void __launch_bounds__(256) backward_prep_kernel(const BackwardPrepParams p) {
-  const Shape& s = p.shape;
-  const int64_t rows = static_cast<int64_t>(s.batch) * s.sq * s.hq;
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 3;
-  const int part = threadIdx.x & 7;
-  if (row >= rows) return;  // whole 8-lane groups leave together (blockDim % 8 == 0)
-  constexpr int kPer = kD / 8;
-  const __nv_bfloat16* o = p.out + row * kD + part * kPer;
-  const __nv_bfloat16* d = p.dout + row * kD + part * kPer;
-  float sum = 0.f;
-#pragma unroll
-  for (int c = 0; c < kPer; c += 8) {
-    const uint4 ov = *reinterpret_cast<const uint4*>(o + c);
-    const uint4 dv = *reinterpret_cast<const uint4*>(d + c);
-    const __nv_bfloat162* o2 = reinterpret_cast<const __nv_bfloat162*>(&ov);
-    const __nv_bfloat162* d2 = reinterpret_cast<const __nv_bfloat162*>(&dv);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 of = __bfloat1622float2(o2[i]);
-      const float2 df = __bfloat1622float2(d2[i]);
-      sum += of.x * df.x + of.y * df.y;
-    }
-  }
-  const unsigned mask = 0xffu << (threadIdx.x & 24);
-  sum += __shfl_xor_sync(mask, sum, 1);
-  sum += __shfl_xor_sync(mask, sum, 2);
-  sum += __shfl_xor_sync(mask, sum, 4);
-  if (part == 0) {
-    // row = (b * Sq + t) * Hq + h
-    const int h = static_cast<int>(row % s.hq);
-    const int64_t bt = row / s.hq;
-    const int t = static_cast<int>(bt % s.sq);
-    const int64_t b = bt / s.sq;
-    const int64_t lse_index = (b * s.hq + h) * s.sq + t;
-    const float lse = p.lse[lse_index];
-    p.delta[row] = sum - (p.dlse != nullptr ? p.dlse[lse_index] : 0.f);
-    p.lse_log2[row] = lse * device::kLog2e;
-  }
-}
 
 template <int kD>
 __host__ __device__ constexpr int tile_bytes() {
@@ -101,13 +59,35 @@ __global__ void __launch_bounds__(kWarps * 32) backward_dq_kernel(const Backward
   uint32_t qf[kD / 16][4], dof[kD / 16][4];
   device::load_a_rows<kD>(qf, p.q + row0 * kD, rows_valid, lane);
   device::load_a_rows<kD>(dof, p.dout + row0 * kD, rows_valid, lane);
+  // delta of rows group (r = 0) and group + 8 (r = 1): o and do in the same
+  // fragment layout (registers 0, 2 hold row group, 1, 3 row group + 8), summed
+  // over the thread's columns, then over the quad.
+  float dot[2] = {0.f, 0.f};
+  {
+    uint32_t of[kD / 16][4];
+    device::load_a_rows<kD>(of, p.out + row0 * kD, rows_valid, lane);
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 o2 = device::unpack_bf16(of[ks][i]), d2 = device::unpack_bf16(dof[ks][i]);
+        dot[i & 1] = fmaf(o2.x, d2.x, fmaf(o2.y, d2.y, dot[i & 1]));
+      }
+  }
   float lse2[2], delta[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
+    dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 1);
+    dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 2);
     const int row = group + 8 * r;
     const bool ok = row < rows_valid;
-    lse2[r] = ok ? p.lse_log2[row0 + row] : INFINITY;  // padded rows: p = 0
-    delta[r] = ok ? p.delta[row0 + row] : 0.f;
+    const int64_t lse_index = (static_cast<int64_t>(b) * s.hq + head0 + row) * s.sq + t;  // [B, Hq, Sq]
+    lse2[r] = ok ? p.lse[lse_index] * device::kLog2e : INFINITY;  // padded rows: p = 0
+    delta[r] = ok ? dot[r] - (p.dlse != nullptr ? p.dlse[lse_index] : 0.f) : 0.f;
+    if (ok && tig == 0) {
+      p.delta[row0 + row] = delta[r];
+      p.lse_log2[row0 + row] = lse2[r];
+    }
   }
 
   device::SelectedKvPipeline<kD, kStages> pipe(p.k, p.v, p.block_ids, s, b, t, kvh, qpos,
@@ -167,15 +147,6 @@ __global__ void __launch_bounds__(kWarps * 32) backward_dq_kernel(const Backward
 }
 
 template <int kD>
-cudaError_t launch_prep(const BackwardPrepParams& p, cudaStream_t stream) {
-  const Shape& s = p.shape;
-  const int64_t threads = static_cast<int64_t>(s.batch) * s.sq * s.hq * 8;
-  if (threads == 0) return cudaSuccess;
-  backward_prep_kernel<kD><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
-template <int kD>
 cudaError_t launch_dq(const BackwardDqParams& p, cudaStream_t stream) {
   const Shape& s = p.shape;
   const int64_t warps = static_cast<int64_t>(s.batch) * s.hkv * s.sq * ((s.group() + 15) / 16);
@@ -189,14 +160,6 @@ cudaError_t launch_dq(const BackwardDqParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
-
-cudaError_t launch_backward_prep(const BackwardPrepParams& p, cudaStream_t stream) {
-  switch (p.shape.head_dim) {
-    case 64: return launch_prep<64>(p, stream);
-    case 128: return launch_prep<128>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
 
 cudaError_t launch_backward_dq(const BackwardDqParams& p, cudaStream_t stream) {
   switch (p.shape.head_dim) {
