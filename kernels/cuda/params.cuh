@@ -62,9 +62,10 @@ struct BackwardDqParams {
 };
 cudaError_t launch_backward_dq(const BackwardDqParams& p, cudaStream_t stream);
 
-// Backward, step 2 (after dq, which writes delta and lse_log2): dk/dv per key tile from the inverted index (the queries that
-// selected each block). A work item is one key tile of one block and a run of at
-// most kMaxEntriesPerItem consecutive entries of the block's query list:
+// Backward, step 2 (after dq, which writes delta and lse_log2): dk/dv per key
+// tile from the inverted index (the queries that selected each block). A work
+// item is one key tile of one block and a run of at most kMaxEntriesPerItem
+// consecutive entries of the block's query list:
 //   entry_token [n_entries]  query row (0..Sq-1) of each entry, grouped by bucket
 //   item_bucket, item_begin, item_end [n_items]: the item's bucket and entry range
 // A bucket is (b, kv head, token chunk, block); block_first is the global id of
