@@ -42,28 +42,33 @@ kernels::AttentionResult attend_rows(const RingSetup& s, const WorkItem& w, cons
   return kernels::sparse_attention(qq, kk, vv, block_ids_of(s, w), s.options, w.q_pos, w.k_pos);
 }
 
+WorkItem local_causal_item(const RingSetup& setup) {
+  // My chunks in local order [r; 2cp-1-r] with positions 0..2c-1: every row of
+  // the early chunk precedes every row of the late one, so the causal mask in
+  // local positions is exactly the global one (each chunk causal on itself, the
+  // late chunk sees all of the early one), in one causal call.
+  const int64_t rows = 2 * setup.layout.chunk;
+  return {false, 0, rows, 0, rows, 0, 0, 0, false};
+}
+
 }  // namespace
 
 bool full_on_prefix(const RingSetup& setup) {
   return setup.request.full && setup.request.sparse && setup.transport == SparseTransport::kRing;
 }
 
-std::vector<WorkItem> diagonal_work(const RingSetup& setup) {
-  const ZigzagLayout& z = setup.layout;
-  std::vector<WorkItem> items;
-  for (int64_t a = 0; a < 2; ++a) {
-    items.push_back({false, a * z.chunk, z.chunk, a * z.chunk, z.chunk, z.position(a), z.position(a), a, false});
-  }
-  return items;
-}
+std::vector<WorkItem> diagonal_work(const RingSetup& setup) { return {local_causal_item(setup)}; }
 
 std::vector<WorkItem> prefix_work(const RingSetup& setup) {
   const ZigzagLayout& z = setup.layout;
+  const int64_t c = z.chunk, r = z.rank;
   std::vector<WorkItem> items;
-  for (int64_t a = 0; a < 2; ++a) {
-    const int64_t keys = z.position(a);  // every chunk before mine, all visible
-    if (keys > 0) items.push_back({false, a * z.chunk, z.chunk, 0, keys, keys, 0, a, false});
-  }
+  // Both my chunks see every chunk before my early one, r, unmasked...
+  if (r > 0) items.push_back({false, 0, 2 * c, 0, r * c, r * c, 0, 0, false});
+  // ...and my late chunk, 2cp-1-r, also sees the chunks between the two. Each
+  // rank gets at most two calls with the same number of visible keys.
+  const int64_t between = (z.chunks() - 2 - 2 * r) * c;
+  if (between > 0) items.push_back({false, c, c, (r + 1) * c, between, between, 0, 1, false});
   return items;
 }
 
@@ -85,11 +90,10 @@ std::vector<WorkItem> ring_work(const RingSetup& setup, int64_t src) {
     // Chunk positions decide visibility: src's chunks are src (early) and
     // 2cp-1-src (late); mine are r and 2cp-1-r. Fully visible pairs are merged
     // into one call and given positions that make every key visible (the kernel
-    // then runs its unmasked path); diagonal pairs keep their real positions.
+    // then runs its unmasked path); my own two chunks are one causal call in
+    // local positions (local_causal_item).
     if (src == r) {
-      items.push_back({false, 0, c, 0, c, z.position(0), z.position(0), 0, false});  // chunk r on itself
-      items.push_back({false, c, c, c, c, z.position(1), z.position(1), 1, false});  // chunk 2cp-1-r on itself
-      items.push_back({false, c, c, 0, c, c, 0, 1, false});                          // late chunk sees chunk r
+      items.push_back(local_causal_item(setup));  // my chunks on themselves
     } else if (src < r) {
       items.push_back({false, 0, 2 * c, 0, c, c, 0, 0, false});  // both my chunks see chunk src, not 2cp-1-src
     } else {

@@ -58,8 +58,10 @@ bool full_on_prefix(const RingSetup& setup);
 
 // Calls against the whole sequence's K/V assembled on the ring (kv rows index
 // it, except the diagonal items, which read my own K/V):
-//   diagonal_work: each local q chunk on its own chunk (the full stream, causal);
-//   prefix_work:   each local q chunk on every earlier chunk (full stream, unmasked);
+//   diagonal_work: my two chunks on themselves in one call (full stream, causal
+//                  in local order; reads my own K/V);
+//   prefix_work:   my chunks on every earlier chunk (full stream, unmasked; one
+//                  call for both chunks' common prefix, one for the late chunk's rest);
 //   assembled_sparse_work: each local q chunk's sparse call over chunks up to its own.
 std::vector<WorkItem> diagonal_work(const RingSetup& setup);
 std::vector<WorkItem> prefix_work(const RingSetup& setup);
