@@ -249,6 +249,11 @@ P2PBatch Communicator::nccl_start_p2p(std::vector<P2POp> ops, const std::string&
   ready.block(*s.stream);
   at::cuda::CUDAEvent start(cudaEventDefault), end(cudaEventDefault);
   start.record(*s.stream);
+  // The caller's next kernels wait until the transfer is next on the NCCL
+  // stream. Else a kernel that fills every SM for a long time (a fused attention
+  // forward) can be scheduled first, and the transfer, which the peer waits for,
+  // only starts when that kernel ends.
+  start.block(compute);
   int64_t bytes = 0;
   SSA_NCCL_CHECK(ncclGroupStart());
   for (const auto& o : ops) {
