@@ -46,8 +46,10 @@
 // Arithmetic is fp32 for fp32/bf16/fp16 inputs and fp64 for fp64 inputs.
 #include "kernels/attention.h"
 
+#include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
 
+#include <limits>
 #include <stdexcept>
 
 #include "kernels/attention_checks.h"
@@ -278,6 +280,77 @@ void merge_into(at::Tensor& acc_out, at::Tensor& acc_lse, const AttentionResult&
   if (cuda_usable(acc_out.device()) && cuda::merge_into(acc_out, acc_lse, part)) return;
 #endif
   reference::merge_into(acc_out, acc_lse, part);
+}
+
+AttentionResult merge_row_partials(int64_t rows, const std::vector<RowPartial>& parts, at::ScalarType out_type) {
+  constexpr const char* fn = "merge_row_partials";
+  if (parts.empty()) throw std::runtime_error(fmt::format("kernels::{}: no parts to merge", fn));
+  if (rows < 0) throw std::runtime_error(fmt::format("kernels::{}: rows must be >= 0, got {}", fn, rows));
+  const at::Tensor& first = parts.front().part.out;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const RowPartial& p = parts[i];
+    const at::Tensor &o = p.part.out, &l = p.part.lse;
+    const bool shaped = o.defined() && l.defined() && o.dim() == 4 && first.dim() == 4 && l.dim() == 3 &&
+                        o.size(0) == first.size(0) && o.size(2) == first.size(2) && o.size(3) == first.size(3) &&
+                        l.sizes() == at::IntArrayRef{o.size(0), o.size(2), o.size(1)} && o.device() == first.device() &&
+                        l.device() == first.device() && at::isFloatingType(o.scalar_type());
+    if (!shaped) {
+      throw std::runtime_error(fmt::format(
+          "kernels::{}: part {} needs out [B, n, H, D] and lse [B, H, n] on the device of part 0, with B, H, D of "
+          "part 0 ({}); got out {}, lse {}",
+          fn, i, shape_string(first), shape_string(o), shape_string(l)));
+    }
+    if (p.row < 0 || p.row + o.size(1) > rows) {
+      throw std::runtime_error(fmt::format("kernels::{}: part {} covers rows [{}, {}), outside [0, {})", fn, i, p.row,
+                                           p.row + o.size(1), rows));
+    }
+  }
+  at::NoGradGuard no_grad;
+#ifdef SSA_WITH_CUDA
+  if (cuda_usable(first.device())) {
+    AttentionResult fused = cuda::merge_row_partials(rows, parts, out_type);
+    if (fused.out.defined()) return fused;
+  }
+#endif
+  const at::ScalarType acc = first.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const double inf = std::numeric_limits<double>::infinity();
+  at::Tensor out = at::zeros({first.size(0), rows, first.size(2), first.size(3)}, first.options().dtype(acc));
+  at::Tensor lse = at::full({first.size(0), first.size(2), rows}, -inf, first.options().dtype(acc));
+  for (const RowPartial& p : parts) {
+    at::Tensor o = out.narrow(1, p.row, p.part.out.size(1)), l = lse.narrow(2, p.row, p.part.out.size(1));
+    merge_into(o, l, p.part);
+  }
+  return {out.to(out_type), lse};
+}
+
+at::Tensor add_row_terms(const at::Tensor& base, const std::vector<RowTerm>& terms, at::ScalarType out_type) {
+  constexpr const char* fn = "add_row_terms";
+  if (!base.defined() || base.dim() < 2 || (base.scalar_type() != at::kFloat && base.scalar_type() != at::kDouble)) {
+    throw std::runtime_error(fmt::format("kernels::{}: base must be an fp32 or fp64 tensor [B, S, ...], got {}{}", fn,
+                                         shape_string(base), base.defined() ? " " + std::string(c10::toString(base.scalar_type())) : ""));
+  }
+  for (size_t i = 0; i < terms.size(); ++i) {
+    const at::Tensor& t = terms[i].value;
+    const bool shaped = t.defined() && t.dim() == base.dim() && t.size(0) == base.size(0) &&
+                        t.sizes().slice(2) == base.sizes().slice(2) && t.device() == base.device() &&
+                        at::isFloatingType(t.scalar_type());
+    if (!shaped || terms[i].row < 0 || terms[i].row + t.size(1) > base.size(1)) {
+      throw std::runtime_error(fmt::format(
+          "kernels::{}: term {} ({} at row {}) must be a floating tensor on base's device shaped like base {} except "
+          "in dim 1, within its rows",
+          fn, i, shape_string(t), terms[i].row, shape_string(base)));
+    }
+  }
+  at::NoGradGuard no_grad;
+#ifdef SSA_WITH_CUDA
+  if (cuda_usable(base.device())) {
+    at::Tensor fused = cuda::add_row_terms(base, terms, out_type);
+    if (fused.defined()) return fused;
+  }
+#endif
+  at::Tensor sum = base.clone();
+  for (const RowTerm& t : terms) sum.narrow(1, t.row, t.value.size(1)).add_(t.value);
+  return sum.to(out_type);
 }
 
 AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_ids,

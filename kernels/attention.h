@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace ssa::kernels {
 
@@ -141,6 +142,30 @@ AttentionResult merge_partials(const AttentionResult& a, const AttentionResult& 
 // part. Rows empty in both stay out 0, lse -inf. fp32 accumulators on a GPU
 // with the CUDA kernels: one fused kernel; otherwise the same formula in ATen ops.
 void merge_into(at::Tensor& acc_out, at::Tensor& acc_lse, const AttentionResult& part);
+
+// A partial attention result on rows [row, row + n) of a longer q (n: its row count).
+struct RowPartial {
+  int64_t row = 0;
+  AttentionResult part;
+};
+// Partial results over disjoint key sets, each on a row range of a q of `rows`
+// rows, merged by log-sum-exp without gradient: out [B, rows, H, D] in out_type
+// and lse [B, H, rows] fp32 (fp64 for fp64 parts). Rows no part covers get out 0,
+// lse -inf. On a GPU with bf16 parts (at most 4, D % 8 == 0): one kernel writing
+// out_type directly; otherwise merge_into on fp32 (fp64) accumulators.
+AttentionResult merge_row_partials(int64_t rows, const std::vector<RowPartial>& parts, at::ScalarType out_type);
+
+// A term added to rows [row, row + n) of dim 1 of a sum (n: its size there).
+struct RowTerm {
+  int64_t row = 0;
+  at::Tensor value;
+};
+// base [B, S, ...] (fp32 or fp64) plus every term on its rows, summed in base's
+// dtype and returned in out_type, without gradient: e.g. a context-parallel
+// rank's fp32 dq plus the bf16 dq of its fused full-attention calls. On a GPU
+// with contiguous bf16 terms (at most 4, rows of a multiple of 8 elements): one
+// pass; otherwise ATen additions.
+at::Tensor add_row_terms(const at::Tensor& base, const std::vector<RowTerm>& terms, at::ScalarType out_type);
 
 // Eval statistics of the full attention distribution (ssa-method.md), without
 // gradient: per query and head, the fraction of the full attention mass inside the

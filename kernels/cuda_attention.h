@@ -39,6 +39,10 @@ AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const a
 // kernels::merge_into for fp32 CUDA accumulators; false (nothing done) when the
 // inputs do not fit the kernel (then the caller uses the ATen formula).
 bool merge_into(at::Tensor& acc_out, at::Tensor& acc_lse, const AttentionResult& part);
+// kernels::merge_row_partials and kernels::add_row_terms in one kernel; an
+// undefined result (nothing done) when the inputs do not fit it.
+AttentionResult merge_row_partials(int64_t rows, const std::vector<RowPartial>& parts, at::ScalarType out_type);
+at::Tensor add_row_terms(const at::Tensor& base, const std::vector<RowTerm>& terms, at::ScalarType out_type);
 // kernels::gate_and_align's kernels: whether they take these inputs (CUDA bf16
 // streams [B, S, H, D] with D even, gate [B, S, H, 1]); the forward -> {out, the
 // loss}; the backward -> {d_full, d_sparse, d_gate} (grad_out, grad_ls, grad_lc

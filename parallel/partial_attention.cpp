@@ -13,21 +13,8 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 at::ScalarType accumulation_type(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
 
 PartialSum::PartialSum(int64_t batch, int64_t rows, int64_t heads, int64_t head_dim,
-                       const at::TensorOptions& options, bool empty) {
-  if (empty) {
-    out_ = at::zeros({batch, rows, heads, head_dim}, options);
-    lse_ = at::full({batch, heads, rows}, -kInf, options);
-  } else {
-    out_ = at::empty({batch, rows, heads, head_dim}, options);
-    lse_ = at::empty({batch, heads, rows}, options);
-  }
-}
-
-void PartialSum::set(int64_t row, const kernels::AttentionResult& part) {
-  const int64_t n = part.out.size(1);
-  out_.narrow(1, row, n).copy_(part.out);
-  lse_.narrow(2, row, n).copy_(part.lse);
-}
+                       const at::TensorOptions& options)
+    : out_(at::zeros({batch, rows, heads, head_dim}, options)), lse_(at::full({batch, heads, rows}, -kInf, options)) {}
 
 void PartialSum::add(int64_t row, const kernels::AttentionResult& part) {
   const int64_t n = part.out.size(1);

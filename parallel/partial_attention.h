@@ -13,13 +13,9 @@ namespace ssa::parallel {
 class PartialSum {
  public:
   // An empty sum: out 0, lse -inf (a row that never gets a key stays so).
-  // empty = false: uninitialised, for a caller that set()s every row first.
-  PartialSum(int64_t batch, int64_t rows, int64_t heads, int64_t head_dim, const at::TensorOptions& options,
-             bool empty = true);
+  PartialSum(int64_t batch, int64_t rows, int64_t heads, int64_t head_dim, const at::TensorOptions& options);
   // Merges `part` (out [B, n, H, D], lse [B, H, n]) into rows [row, row + n).
   void add(int64_t row, const kernels::AttentionResult& part);
-  // Rows [row, row + n) become `part` (their first part: no merge).
-  void set(int64_t row, const kernels::AttentionResult& part);
   const at::Tensor& out() const { return out_; }  // accumulation dtype (fp32 / fp64)
   const at::Tensor& lse() const { return lse_; }
 

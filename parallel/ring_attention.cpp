@@ -136,7 +136,8 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
   // the assembled K/V): fewer, larger calls and at most one merge per chunk.
   const bool prefix_full = full_on_prefix(setup);
   std::optional<PartialSum> full, sparse;
-  if (setup.request.full) full.emplace(b, rows, hq, d, acc, /*empty=*/!prefix_full);
+  std::vector<kernels::RowPartial> full_parts;  // prefix_full: merged once, at the end
+  if (setup.request.full && !prefix_full) full.emplace(b, rows, hq, d, acc);
   // Merged per part only with the selected-block transport (the ring's sparse
   // stream runs once over the assembled K/V).
   if (setup.request.sparse && setup.transport == SparseTransport::kSelectedBlocks) {
@@ -197,8 +198,8 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
         }
       }
       if (prefix_full) {
-        if (step == 0) {  // my chunks on themselves: the first part of every row
-          for (const WorkItem& w : diagonal_work(setup)) full->set(w.q_row, attend_rows(setup, w, q, k, v));
+        if (step == 0) {  // my chunks on themselves, while the K/V travel
+          for (const WorkItem& w : diagonal_work(setup)) full_parts.push_back({w.q_row, attend_rows(setup, w, q, k, v)});
         }
       } else {
         for (const WorkItem& w : ring_work(setup, src)) {  // full-stream items only
@@ -212,7 +213,14 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
       }
     }
     if (prefix_full) {
-      for (const WorkItem& w : prefix_work(setup)) full->add(w.q_row, attend_rows(setup, w, q, out.k_all, out.v_all));
+      for (const WorkItem& w : prefix_work(setup)) {
+        full_parts.push_back({w.q_row, attend_rows(setup, w, q, out.k_all, out.v_all)});
+      }
+      // One pass from the parts to the output dtype (no fp32 accumulator).
+      kernels::AttentionResult merged = kernels::merge_row_partials(rows, full_parts, q.scalar_type());
+      full_parts.clear();
+      out.out_full = merged.out;
+      out.lse_full = merged.lse.to(acc.dtype());
     }
     if (gather) {
       if (setup.select_on_ring) {
@@ -246,7 +254,16 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
                               const ContextOutputs& outputs, const at::Tensor& grad_full, const at::Tensor& grad_sparse) {
   const ZigzagLayout& z = setup.layout;
   const auto acc = q.options().dtype(accumulation_type(q.scalar_type()));
+  // dq: the sparse kernels add into the fp32 sum in place; the fused full-stream
+  // calls' dq (q's dtype) wait as terms and join it in one pass at the end.
   at::Tensor dq = at::zeros(q.sizes(), acc);
+  std::vector<kernels::RowTerm> dq_terms;
+  auto add_dq_term = [&](int64_t row, const at::Tensor& value) {
+    dq_terms.push_back({row, value});
+    if (dq_terms.size() < 4) return;  // a long ring (no kept K/V): fold them in, bounding what stays alive
+    dq = kernels::add_row_terms(dq, dq_terms, dq.scalar_type());
+    dq_terms.clear();
+  };
   at::Tensor dk, dv;
   // Gradients stay in their dtype (the fused and CUDA backwards take them so; the
   // formula paths convert per chunk).
@@ -272,7 +289,7 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
       return;
     }
     const kernels::AttentionGrads pg = kernels::full_attention_backward(gq, qq, k_rows, v_rows, oq, lq, w.q_pos, w.k_pos);
-    dq_rows.add_(pg.dq);
+    add_dq_term(w.q_row, pg.dq);
     dk_rows.add_(pg.dk);
     dv_rows.add_(pg.dv);
   };
@@ -386,7 +403,7 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
       dv = in_dv;
     }
   }
-  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+  return {kernels::add_row_terms(dq, dq_terms, q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
 
 namespace {

@@ -214,6 +214,38 @@ struct MergeParams {
 };
 cudaError_t launch_merge_partial(const MergeParams& p, cudaStream_t stream);
 
+// Parts covering row ranges of a whole [B, rows, ...] (kernels::merge_row_partials
+// and kernels::add_row_terms): part i covers rows [row[i], row[i] + rows_of[i]).
+constexpr int kMaxRowParts = 4;
+
+// kernels::merge_row_partials: part_out[i] [B, n_i, H, D] bf16 and part_lse[i]
+// [B, H, n_i] fp32 merged by log-sum-exp into out [B, rows, H, D] (bf16 or fp32)
+// and lse [B, H, rows] fp32; D % 8 == 0. Rows no part covers: out 0, lse -inf.
+struct RowMergeParams {
+  int batch = 0, rows = 0, heads = 0, head_dim = 0;
+  int count = 0;
+  const __nv_bfloat16* part_out[kMaxRowParts] = {};
+  const float* part_lse[kMaxRowParts] = {};
+  int row[kMaxRowParts] = {}, rows_of[kMaxRowParts] = {};
+  void* out = nullptr;
+  bool out_bf16 = true;
+  float* lse = nullptr;
+};
+cudaError_t launch_merge_rows(const RowMergeParams& p, cudaStream_t stream);
+
+// kernels::add_row_terms: out [B, rows, width] (bf16 or fp32) = base (fp32, same
+// shape) + each term [B, n_i, width] bf16 on its rows; width % 8 == 0.
+struct RowSumParams {
+  int64_t batch = 0, rows = 0, width = 0;
+  const float* base = nullptr;
+  int count = 0;
+  const __nv_bfloat16* term[kMaxRowParts] = {};
+  int64_t row[kMaxRowParts] = {}, rows_of[kMaxRowParts] = {};
+  void* out = nullptr;
+  bool out_bf16 = true;
+};
+cudaError_t launch_sum_rows(const RowSumParams& p, cudaStream_t stream);
+
 // Rotary embedding of x [B, S, H, D] (contiguous; x and y bf16 or both fp32) by
 // the angles of cos/sin [S, D/2] fp32: y1 = x1 c - x2 s, y2 = x2 c + x1 s on the
 // halves; inverse (the backward) rotates the other way (s -> -s).

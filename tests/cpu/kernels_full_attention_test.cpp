@@ -140,6 +140,54 @@ TEST(MergePartials, IntoAccumulatorRowsEqualsMergePartials) {
   EXPECT_THROW(merge_into(half, half_lse, b), std::runtime_error);
 }
 
+// merge_row_partials: parts on overlapping row ranges merged at once equal
+// merging them pairwise; rows no part covers get out 0, lse -inf; the output
+// dtype is the one asked for; bad parts are refused naming the part.
+TEST(MergePartials, RowPartialsEqualPairwiseMerges) {
+  at::manual_seed(8);
+  const AttentionResult a{randn({2, 9, 3, 4}), randn({2, 3, 9})};  // rows [0, 9)
+  const AttentionResult b{randn({2, 4, 3, 4}), randn({2, 3, 4})};  // rows [5, 9)
+  const AttentionResult c{randn({2, 6, 3, 4}), randn({2, 3, 6})};  // rows [3, 9)
+  const AttentionResult got = merge_row_partials(11, {{0, a}, {5, b}, {3, c}}, at::kDouble);
+  ASSERT_EQ(got.out.sizes(), (at::IntArrayRef{2, 11, 3, 4}));
+  ASSERT_EQ(got.lse.sizes(), (at::IntArrayRef{2, 3, 11}));
+  expect_close(got.out.narrow(1, 0, 3), a.out.narrow(1, 0, 3), 1e-12, 1e-12, "rows of a alone");
+  expect_close(got.lse.narrow(2, 0, 3), a.lse.narrow(2, 0, 3), 1e-12, 1e-12, "lse of a alone");
+  auto rows = [](const AttentionResult& r, int64_t from, int64_t n) {
+    return AttentionResult{r.out.narrow(1, from, n), r.lse.narrow(2, from, n)};
+  };
+  const AttentionResult ac = merge_partials(rows(a, 3, 2), rows(c, 0, 2));
+  expect_close(got.out.narrow(1, 3, 2), ac.out, 1e-12, 1e-12, "rows of a and c");
+  const AttentionResult abc = merge_partials(merge_partials(rows(a, 5, 4), b), rows(c, 2, 4));
+  expect_close(got.out.narrow(1, 5, 4), abc.out, 1e-12, 1e-12, "rows of a, b and c");
+  expect_close(got.lse.narrow(2, 5, 4), abc.lse, 1e-12, 1e-12, "lse of a, b and c");
+  EXPECT_TRUE(at::equal(got.out.narrow(1, 9, 2), at::zeros({2, 2, 3, 4})));
+  EXPECT_TRUE(at::all(got.lse.narrow(2, 9, 2) == -kInf).item<bool>());
+  EXPECT_EQ(merge_row_partials(11, {{0, a}}, at::kBFloat16).out.scalar_type(), at::kBFloat16);
+  EXPECT_THROW(merge_row_partials(8, {{0, a}}, at::kFloat), std::runtime_error);         // past the end
+  EXPECT_THROW(merge_row_partials(11, {{-1, b}}, at::kFloat), std::runtime_error);       // before the start
+  EXPECT_THROW(merge_row_partials(11, {{0, a}, {0, AttentionResult{randn({2, 4, 2, 4}), randn({2, 2, 4})}}},
+                                  at::kFloat),
+               std::runtime_error);  // heads differ
+  EXPECT_THROW(merge_row_partials(11, {}, at::kFloat), std::runtime_error);
+}
+
+// add_row_terms: the base plus each term on its rows, in the dtype asked for.
+TEST(MergePartials, RowTermsAddOnTheirRows) {
+  at::manual_seed(9);
+  const at::Tensor base = randn({2, 7, 3, 8});
+  const at::Tensor t1 = randn({2, 7, 3, 8}), t2 = randn({2, 3, 3, 8});
+  const at::Tensor got = add_row_terms(base, {{0, t1}, {4, t2}}, at::kDouble);
+  at::Tensor want = base + t1;
+  want.narrow(1, 4, 3).add_(t2);
+  expect_close(got, want, 1e-12, 1e-12, "sum");
+  EXPECT_TRUE(at::equal(add_row_terms(base, {}, at::kDouble), base));
+  EXPECT_EQ(add_row_terms(base, {{4, t2}}, at::kBFloat16).scalar_type(), at::kBFloat16);
+  EXPECT_THROW(add_row_terms(base, {{5, t2}}, at::kFloat), std::runtime_error);  // rows [5, 8) past 7
+  EXPECT_THROW(add_row_terms(base, {{0, randn({2, 3, 3, 4})}}, at::kFloat), std::runtime_error);
+  EXPECT_THROW(add_row_terms(base.to(at::kBFloat16), {{0, t2}}, at::kFloat), std::runtime_error);
+}
+
 TEST(MergePartials, MatchesClosedFormAndKeepsEmptyRows) {
   at::manual_seed(6);
   AttentionResult a{randn({1, 3, 2, 4}), randn({1, 2, 3})};

@@ -8,6 +8,8 @@
 
 #include <limits>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -103,6 +105,47 @@ TEST(CudaFullAttention, FusedMergeMatchesTheFormula) {
     EXPECT_TRUE(at::allclose(lse_gpu.cpu().masked_select(finite), lse_cpu.masked_select(finite), 1e-5, 1e-5));
     EXPECT_TRUE(at::equal(out_gpu.narrow(1, 0, row0).cpu(), out_cpu.narrow(1, 0, row0)));  // rows outside untouched
   }
+}
+
+// The one-pass row kernels against the ATen formulas on CPU copies: bf16 parts
+// on overlapping row ranges (one with empty rows) into bf16 and fp32 outputs,
+// rows no part covers; bf16 terms added to an fp32 sum.
+TEST(CudaFullAttention, RowKernelsMatchTheFormula) {
+  SSA_REQUIRE_GPU();
+  at::manual_seed(11);
+  const int64_t b = 2, rows = 70, h = 4, d = 64;
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<RowPartial> parts, parts_cpu;
+  for (const auto& [row, n] : {std::pair<int64_t, int64_t>{0, 64}, {32, 32}, {40, 24}}) {
+    AttentionResult p{at::randn({b, n, h, d}, gpu(at::kBFloat16)), at::randn({b, h, n}, gpu(at::kFloat))};
+    if (row == 32) {  // rows no key reached in this part
+      p.lse.narrow(2, 2, 3).fill_(-inf);
+      p.out.narrow(1, 2, 3).zero_();
+    }
+    parts.push_back({row, p});
+    parts_cpu.push_back({row, AttentionResult{p.out.cpu(), p.lse.cpu()}});
+  }
+  const AttentionResult want = merge_row_partials(rows, parts_cpu, at::kFloat);
+  for (const at::ScalarType out_type : {at::kBFloat16, at::kFloat}) {
+    const AttentionResult got = merge_row_partials(rows, parts, out_type);
+    ASSERT_TRUE(got.out.is_cuda());
+    EXPECT_EQ(got.out.scalar_type(), out_type);
+    const double tol = out_type == at::kFloat ? 1e-5 : 1e-2;
+    EXPECT_TRUE(at::allclose(got.out.cpu().to(at::kFloat), want.out, tol, tol)) << c10::toString(out_type);
+    EXPECT_TRUE(at::equal(at::isinf(got.lse.cpu()), at::isinf(want.lse)));
+    const at::Tensor finite = at::isfinite(want.lse);
+    EXPECT_TRUE(at::allclose(got.lse.cpu().masked_select(finite), want.lse.masked_select(finite), 1e-5, 1e-5));
+    EXPECT_TRUE(at::equal(got.out.narrow(1, 64, 6).cpu(), at::zeros({b, 6, h, d}, out_type)));
+  }
+  const at::Tensor base = at::randn({b, rows, h, d}, gpu(at::kFloat));
+  const at::Tensor t1 = at::randn({b, rows, h, d}, gpu(at::kBFloat16)), t2 = at::randn({b, 30, h, d}, gpu(at::kBFloat16));
+  at::Tensor sum = base.cpu() + t1.cpu().to(at::kFloat);
+  sum.narrow(1, 40, 30).add_(t2.cpu().to(at::kFloat));
+  const at::Tensor fp32 = add_row_terms(base, {{0, t1}, {40, t2}}, at::kFloat);
+  EXPECT_TRUE(at::allclose(fp32.cpu(), sum, 1e-6, 1e-6));
+  const at::Tensor bf16 = add_row_terms(base, {{0, t1}, {40, t2}}, at::kBFloat16);
+  EXPECT_EQ(bf16.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::equal(bf16.cpu(), sum.to(at::kBFloat16)));  // one rounding, of the fp32 sum
 }
 
 // The fused rotary kernel against the ATen formula on the CPU: forward in bf16
