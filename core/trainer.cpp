@@ -27,6 +27,7 @@
 #include "monitoring/console_progress.h"
 #include "monitoring/jsonl_log.h"
 #include "monitoring/metrics_exporter.h"
+#include "parallel/host_copy.h"
 #include "parallel/preemption.h"
 #include "parallel/process_grid.h"
 #include "parallel/sharded_adamw.h"
@@ -61,7 +62,10 @@ struct StepLosses {
   double loss = 0, ce = 0, sparsity = 0, commitment = 0;
   int64_t full_passes = 0, sparse_passes = 0;
   int64_t bytes_full = 0, bytes_sparse = 0;
-  at::Tensor device_sums;  // [loss, ce, sparsity, commitment] of this rank until read_losses
+  // [loss, ce, sparsity, commitment] of this rank: on the device, then on its
+  // way to the host (queued before the update) until read_losses.
+  at::Tensor device_sums;
+  parallel::HostCopy host_sums;
 };
 
 class Trainer {
@@ -279,9 +283,11 @@ StepLosses Trainer::train_step(const data::Batch& batch) {
   auto inputs = at::from_blob(const_cast<int32_t*>(batch.inputs.data()), {batch.rows, cols}, at::kInt).to(at::kLong);
   auto labels = at::from_blob(const_cast<int32_t*>(batch.labels.data()), {batch.rows, cols}, at::kInt).to(at::kLong);
   auto positions = at::from_blob(const_cast<int64_t*>(batch.positions.data()), {cols}, long_opts).clone();
-  inputs = inputs.to(runtime_.device);
-  labels = labels.to(runtime_.device);
-  positions = positions.to(runtime_.device);
+  if (runtime_.device.is_cuda()) {
+    // From pinned memory without waiting: the previous step's update may still
+    // be running, and this step's work queues behind it.
+    for (at::Tensor* t : {&inputs, &labels, &positions}) *t = t->pin_memory().to(runtime_.device, /*non_blocking=*/true);
+  }
 
   StreamSettings settings;
   settings.mode = mode_;
@@ -324,7 +330,7 @@ StepLosses Trainer::train_step(const data::Batch& batch) {
 
 // After the optimizer step is enqueued: the step's losses over every rank.
 void Trainer::read_losses(StepLosses* out) {
-  at::Tensor sums = out->device_sums.to(at::kCPU);
+  at::Tensor sums = out->host_sums.wait();
   out->device_sums = at::Tensor();
   grid_.world().all_reduce(sums, parallel::ReduceOp::kAvg);
   auto acc = sums.accessor<double, 1>();
@@ -344,18 +350,19 @@ TrainOutcome Trainer::run() {
   double last_loss = std::nan("");
   std::map<std::string, double> comm_before = grid_.comm_seconds();
   auto run_start = Clock::now();
+  auto t0 = run_start;  // the end of the previous step
   const int64_t first_step = state_.step;
   profiler_ = std::make_unique<StepProfiler>(config_.monitoring.profile_start, config_.monitoring.profile_steps,
                                              run_dir_, grid_.rank(), runtime_.device.is_cuda(), leader_);
   while (state_.step < total) {
     profiler_->before_step(state_.step + 1);
-    auto t0 = Clock::now();
     data::Batch batch = reader_->next();
     StepLosses losses = train_step(batch);
     const double lr = cosine_lr(config_.optimizer.lr, state_.step, total, config_.schedule.warmup_fraction,
                                 config_.schedule.final_lr_fraction);
     // A non-finite loss on any rank skips the update on every rank (decided on
     // the device with the gradient norm's verdict).
+    losses.host_sums = parallel::HostCopy(losses.device_sums);
     optimizer_->launch_step(lr, at::isfinite(losses.device_sums.narrow(0, 0, 1)).logical_not());
     read_losses(&losses);
     const parallel::StepResult result = optimizer_->finish_step();
@@ -381,8 +388,10 @@ TrainOutcome Trainer::run() {
     }
     ++state_.step;
     state_.tokens_seen += tokens_per_step;
-    runtime_.synchronize();
+    // No wait for the update: the next step queues behind it. A step's time is
+    // from the end of the previous one's (its backward waited for above) to here.
     const double step_seconds = seconds_since(t0);
+    t0 = Clock::now();
     profiler_->after_step(state_.step);
 
     monitoring::StepRecord record;
@@ -421,6 +430,7 @@ TrainOutcome Trainer::run() {
       double seconds = 0;
       save_checkpoint(&seconds);
       record.checkpoint_seconds = seconds;
+      t0 = Clock::now();  // the next step's time leaves the checkpoint out
     }
     exporter_->record_step(record);
     if (log_) log_->write(record);

@@ -104,7 +104,7 @@ ShardedAdamW::~ShardedAdamW() {
 }
 
 void ShardedAdamW::reduce_during_next_backward() {
-  if (pending_norm_sq_.defined())
+  if (pending_verdict_.pending())
     throw std::logic_error("parallel::ShardedAdamW::reduce_during_next_backward: the previous step was not finished");
   arm_reductions();
 }
@@ -196,7 +196,7 @@ std::vector<at::Tensor> ShardedAdamW::finish_reductions() {
 }
 
 void ShardedAdamW::launch_step(double lr, const at::Tensor& skip) {
-  if (pending_norm_sq_.defined())
+  if (pending_verdict_.pending())
     throw std::logic_error("parallel::ShardedAdamW::launch_step: the previous step was not finished");
   at::NoGradGuard no_grad;
   const auto& buckets = layout_->buckets();
@@ -225,6 +225,8 @@ void ShardedAdamW::launch_step(double lr, const at::Tensor& skip) {
   if (options_.grad_clip > 0) {
     inverse_clip = at::clamp_min((norm_sq.sqrt() + 1e-6) / options_.grad_clip, 1.0).to(at::kFloat);
   }
+  // The verdict to the host now, ahead of the update (see finish_step).
+  pending_verdict_ = HostCopy(at::cat({norm_sq, bad.to(at::kDouble)}));
   device_step_.add_(1.0 - bad);
   const double b1 = options_.beta1, b2 = options_.beta2;
   for (size_t i = 0; i < buckets.size(); ++i) {
@@ -248,18 +250,16 @@ void ShardedAdamW::launch_step(double lr, const at::Tensor& skip) {
   if (!during_backward) {
     for (Reduction& r : reductions_) r = Reduction{};
   }
-  pending_norm_sq_ = norm_sq;
-  pending_skip_ = bad;
 }
 
 StepResult ShardedAdamW::finish_step() {
-  if (!pending_norm_sq_.defined())
+  if (!pending_verdict_.pending())
     throw std::logic_error("parallel::ShardedAdamW::finish_step: no step was launched");
+  const at::Tensor host = pending_verdict_.wait();
+  const auto verdict = host.accessor<double, 1>();
   StepResult result;
-  result.grad_norm = std::sqrt(pending_norm_sq_.item<double>());
-  result.applied = pending_skip_.item<float>() == 0.0f;
-  pending_norm_sq_ = at::Tensor();
-  pending_skip_ = at::Tensor();
+  result.grad_norm = std::sqrt(verdict[0]);
+  result.applied = verdict[1] == 0.0;
   if (result.applied) ++step_;
   return result;
 }

@@ -22,7 +22,9 @@
 // The update is PyTorch's fused AdamW kernel over my shard (one launch per
 // bucket and weight-decay group). Clipping and the non-finite verdict are
 // decided on the device, so launch_step() enqueues a whole step without waiting
-// for it; finish_step() reads the verdict and the norm back (the one wait).
+// for it; finish_step() reads the verdict and the norm back (the one wait, for
+// their copy to the host, queued before the update: the host goes on, e.g. to
+// queue the next step, while the update runs).
 #include <ATen/ATen.h>
 
 #include <cstdint>
@@ -32,6 +34,7 @@
 
 #include "parallel/communicator.h"
 #include "parallel/flat_layout.h"
+#include "parallel/host_copy.h"
 
 namespace ssa::parallel {
 
@@ -168,7 +171,9 @@ class ShardedAdamW {
   int64_t overlapped_buckets_ = 0;
   int64_t step_ = 0;
   at::Tensor device_step_;   // fp32 [1]: the step count the fused kernel reads
-  at::Tensor pending_norm_sq_, pending_skip_;  // the launched step's verdict (device)
+  // The launched step's verdict {norm^2, skipped}, on its way to the host (queued
+  // before the update, so finish_step does not wait for the update itself).
+  HostCopy pending_verdict_;
   at::Device device_{at::kCPU};
 };
 
