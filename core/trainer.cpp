@@ -84,7 +84,7 @@ class Trainer {
  private:
   void start();
   void resume(const fs::path& checkpoint);
-  StepLosses train_step(const data::Batch& batch);
+  StepLosses train_step(const data::Batch& batch, int64_t step);  // step: its number, from 1
   void read_losses(StepLosses* out);
   void save_checkpoint(double* seconds);
   void evaluate_at_end();
@@ -275,7 +275,7 @@ void Trainer::evaluate_at_end() {
   barrier();
 }
 
-StepLosses Trainer::train_step(const data::Batch& batch) {
+StepLosses Trainer::train_step(const data::Batch& batch, int64_t step) {
   const int64_t micro = config_.train.micro_batch;
   const int64_t n_micro = batch.rows / micro;
   const int64_t cols = batch.cols;
@@ -323,7 +323,7 @@ StepLosses Trainer::train_step(const data::Batch& batch) {
     out.bytes_sparse += result.bytes_sparse;
   }
   sums /= static_cast<double>(n_micro);
-  if (inject_nonfinite_.count(state_.step + 1)) sums.fill_(std::nan(""));
+  if (inject_nonfinite_.count(step)) sums.fill_(std::nan(""));
   out.device_sums = sums;
   return out;
 }
@@ -354,21 +354,43 @@ TrainOutcome Trainer::run() {
   const int64_t first_step = state_.step;
   profiler_ = std::make_unique<StepProfiler>(config_.monitoring.profile_start, config_.monitoring.profile_steps,
                                              run_dir_, grid_.rank(), runtime_.device.is_cuda(), leader_);
+  // A step whose forward and backward are queued. The next step is queued right
+  // behind the current one's update, before the host waits for the current
+  // one's results and does its bookkeeping, so the device does not wait for the
+  // host between steps.
+  struct QueuedStep {
+    StepLosses losses;
+    int64_t data_step = 0;     // the reader's position after this step's batch
+    double data_wait = 0;
+  };
+  auto queue_step = [&](int64_t step) {
+    data::Batch batch = reader_->next();
+    QueuedStep q;
+    q.data_step = reader_->cursor().step;
+    q.data_wait = batch.wait_seconds;
+    q.losses = train_step(batch, step);
+    return q;
+  };
+  std::optional<QueuedStep> queued;
   while (state_.step < total) {
     profiler_->before_step(state_.step + 1);
-    data::Batch batch = reader_->next();
-    StepLosses losses = train_step(batch);
+    QueuedStep current = queued ? std::move(*queued) : queue_step(state_.step + 1);
+    queued.reset();
+    StepLosses& losses = current.losses;
     const double lr = cosine_lr(config_.optimizer.lr, state_.step, total, config_.schedule.warmup_fraction,
                                 config_.schedule.final_lr_fraction);
     // A non-finite loss on any rank skips the update on every rank (decided on
     // the device with the gradient norm's verdict).
     losses.host_sums = parallel::HostCopy(losses.device_sums);
     optimizer_->launch_step(lr, at::isfinite(losses.device_sums.narrow(0, 0, 1)).logical_not());
+    optimizer_->zero_grad();  // the next step's gradients start from zero
+    const bool run_ends = state_.step + 1 >= total ||
+                          (limits_.stop_after_steps >= 0 && state_.step + 1 - first_step >= limits_.stop_after_steps);
+    if (!run_ends) queued = queue_step(state_.step + 2);
     read_losses(&losses);
     const parallel::StepResult result = optimizer_->finish_step();
     const bool finite_loss = std::isfinite(losses.loss);
-    optimizer_->zero_grad();
-    state_.data_step = reader_->cursor().step;
+    state_.data_step = current.data_step;  // a checkpoint resumes after this step's batch
     if (!finite_loss || !result.applied) {
       ++state_.skipped_steps;
       ++consecutive_bad;
@@ -412,7 +434,7 @@ TrainOutcome Trainer::run() {
     record.mfu = runtime_.peak_flops > 0
                      ? flops_per_token * record.tokens_per_second / (runtime_.peak_flops * grid_.world_size())
                      : 0.0;
-    record.data_wait_seconds = batch.wait_seconds;
+    record.data_wait_seconds = current.data_wait;
     auto comm_now = grid_.comm_seconds();
     for (const auto& [op, s] : comm_now) record.comm_seconds[op] = s - comm_before[op];
     comm_before = comm_now;
@@ -436,6 +458,7 @@ TrainOutcome Trainer::run() {
     if (log_) log_->write(record);
     if (progress_) progress_->on_step(record);
     if (preempted) {
+      runtime_.synchronize();  // the queued step's transfers finish on every rank alike
       if (leader_) fmt::print("preemption signal: checkpoint written at step {}; exiting for requeue\n", state_.step);
       return TrainOutcome::kPreempted;
     }

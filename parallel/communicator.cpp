@@ -163,7 +163,7 @@ void Communicator::add_seconds(const std::string& op, double seconds) { seconds_
 
 std::map<std::string, double> Communicator::comm_seconds() {
 #ifdef SSA_WITH_CUDA
-  flush_nccl_timings();
+  flush_nccl_timings(/*wait=*/false);
 #endif
   return seconds_;
 }
@@ -171,7 +171,7 @@ std::map<std::string, int64_t> Communicator::comm_bytes() const { return bytes_;
 std::map<std::string, int64_t> Communicator::comm_calls() const { return calls_; }
 void Communicator::reset_counters() {
 #ifdef SSA_WITH_CUDA
-  flush_nccl_timings();
+  flush_nccl_timings(/*wait=*/true);
 #endif
   seconds_.clear();
   bytes_.clear();

@@ -106,9 +106,10 @@ class Communicator {
   // Seconds spent per op name (prefixed with the communicator's name). CPU ops:
   // wall time the caller spent inside the op (for overlapped transfers: posting
   // plus waiting, i.e. the time not hidden by compute). CUDA ops: time the op
-  // ran on the NCCL stream (events; reading it waits for queued transfers), and
-  // as "<op>_exposed" the part the compute stream stood waiting for it (events
-  // on both streams); the difference was hidden behind compute.
+  // ran on the NCCL stream (events), and as "<op>_exposed" the part the compute
+  // stream stood waiting for it (events on both streams); the difference was
+  // hidden behind compute. Reading does not wait: ops still running count once a
+  // later read finds them done.
   std::map<std::string, double> comm_seconds();
   std::map<std::string, int64_t> comm_bytes() const;
   std::map<std::string, int64_t> comm_calls() const;
@@ -142,7 +143,8 @@ class Communicator {
   P2PBatch nccl_start_all_reduce(const at::Tensor& tensor, ReduceOp op);
   P2PBatch nccl_start_reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op);
   static P2PBatch in_flight(std::unique_ptr<P2PBatch::State> state);
-  void flush_nccl_timings();
+  // Moves finished ops' event times into seconds_; wait: also the running ones.
+  void flush_nccl_timings(bool wait);
 #endif
   void destroy_nccl();
   bool abandoned_ = false;

@@ -77,7 +77,7 @@ void Communicator::init_nccl(int device) {
 void Communicator::destroy_nccl() {
   if (!nccl_) return;
   if (nccl_->comm) {
-    flush_nccl_timings();
+    flush_nccl_timings(/*wait=*/true);
     ncclComm_t comm = nccl_->comm;
     nccl_->comm = nullptr;
     SSA_NCCL_CHECK(ncclCommDestroy(comm));
@@ -85,20 +85,36 @@ void Communicator::destroy_nccl() {
   nccl_.reset();
 }
 
-void Communicator::flush_nccl_timings() {
+void Communicator::flush_nccl_timings(bool wait) {
   if (!nccl_) return;
-  for (auto& t : nccl_->pending) {
-    t.end.synchronize();
+  // Side-stream events complete in order: stop at the first one still running.
+  auto& pending = nccl_->pending;
+  size_t done = 0;
+  for (; done < pending.size(); ++done) {
+    auto& t = pending[done];
+    if (wait) {
+      t.end.synchronize();
+    } else if (!t.end.query()) {
+      break;
+    }
     seconds_[name_ + "_" + t.op] += static_cast<double>(t.start.elapsed_time(t.end)) / 1000.0;
   }
-  nccl_->pending.clear();
-  for (auto& e : nccl_->exposures) {
-    e.done.synchronize();
-    e.arrive.synchronize();
+  pending.erase(pending.begin(), pending.begin() + static_cast<std::ptrdiff_t>(done));
+  auto& exposures = nccl_->exposures;
+  size_t kept = 0;
+  for (auto& e : exposures) {
+    if (wait) {
+      e.done.synchronize();
+      e.arrive.synchronize();
+    } else if (!e.done.query() || !e.arrive.query()) {
+      if (&exposures[kept] != &e) exposures[kept] = std::move(e);
+      ++kept;
+      continue;
+    }
     const double ms = static_cast<double>(e.arrive.elapsed_time(e.done));  // done - arrive
     seconds_[name_ + "_" + e.op + "_exposed"] += std::max(0.0, ms) / 1000.0;
   }
-  nccl_->exposures.clear();
+  exposures.erase(exposures.begin() + static_cast<std::ptrdiff_t>(kept), exposures.end());
 }
 
 void nccl_wait_exposed(Communicator::NcclState& s, const std::string& op, at::cuda::CUDAEvent done) {
@@ -156,7 +172,7 @@ void Communicator::nccl_all_reduce(const at::Tensor& tensor, ReduceOp op) {
   if (!work.is_same(buf)) buf.copy_(work);
   if (!buf.is_same(tensor)) tensor.copy_(buf);
   record("all_reduce", 0.0, nbytes(tensor));
-  if (nccl_->pending.size() > 1024) flush_nccl_timings();
+  if (nccl_->pending.size() > 1024) flush_nccl_timings(/*wait=*/false);
 }
 
 void Communicator::nccl_reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op) {

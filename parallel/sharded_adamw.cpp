@@ -104,8 +104,9 @@ ShardedAdamW::~ShardedAdamW() {
 }
 
 void ShardedAdamW::reduce_during_next_backward() {
-  if (pending_verdict_.pending())
-    throw std::logic_error("parallel::ShardedAdamW::reduce_during_next_backward: the previous step was not finished");
+  // The previous step may still be finishing: launch_step took its reductions.
+  if (overlap_armed_)
+    throw std::logic_error("parallel::ShardedAdamW::reduce_during_next_backward: already armed, and no step was launched since");
   arm_reductions();
 }
 

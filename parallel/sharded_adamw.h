@@ -97,8 +97,9 @@ class ShardedAdamW {
   // has arrived, from the last bucket to the first (the order a backward
   // produces them), and the backward goes on computing. Call it before the
   // backward that completes the step's gradients (the last micro-batch's);
-  // the next launch_step() starts what is left and waits for the rest.
-  // Reductions are started in the same bucket order on every rank.
+  // the next launch_step() starts what is left and waits for the rest. The
+  // previous step may be launched and not finished yet (its reductions are
+  // taken). Reductions are started in the same bucket order on every rank.
   void reduce_during_next_backward();
   // Buckets of the last overlapped step whose reduction started during the
   // backward (the rest started in launch_step), and the bucket count.
