@@ -2,8 +2,12 @@
 
 #include <fmt/format.h>
 
+#include <chrono>
+#include <optional>
+
 #ifdef SSA_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
@@ -52,6 +56,49 @@ void Runtime::synchronize() const {
 #ifdef SSA_WITH_CUDA
   if (device.is_cuda()) at::cuda::getCurrentCUDAStream(device.index()).synchronize();
 #endif
+}
+
+struct DeviceClock::Impl {
+  at::Device device{at::kCPU};
+  std::chrono::steady_clock::time_point host_before, host_last;
+#ifdef SSA_WITH_CUDA
+  std::optional<at::cuda::CUDAEvent> before, last;
+#endif
+};
+
+DeviceClock::DeviceClock(const at::Device& device) : impl_(std::make_unique<Impl>()) {
+  impl_->device = device;
+  impl_->host_last = std::chrono::steady_clock::now();
+#ifdef SSA_WITH_CUDA
+  if (device.is_cuda()) {
+    impl_->last.emplace(cudaEventDefault);
+    impl_->last->record(at::cuda::getCurrentCUDAStream(device.index()));
+  }
+#endif
+}
+
+DeviceClock::~DeviceClock() = default;
+
+void DeviceClock::mark() {
+  impl_->host_before = impl_->host_last;
+  impl_->host_last = std::chrono::steady_clock::now();
+#ifdef SSA_WITH_CUDA
+  if (impl_->device.is_cuda()) {
+    impl_->before = std::move(impl_->last);
+    impl_->last.emplace(cudaEventDefault);
+    impl_->last->record(at::cuda::getCurrentCUDAStream(impl_->device.index()));
+  }
+#endif
+}
+
+double DeviceClock::seconds_to_last_mark() {
+#ifdef SSA_WITH_CUDA
+  if (impl_->device.is_cuda() && impl_->before) {
+    impl_->last->synchronize();
+    return static_cast<double>(impl_->before->elapsed_time(*impl_->last)) / 1000.0;
+  }
+#endif
+  return std::chrono::duration<double>(impl_->host_last - impl_->host_before).count();
 }
 
 int64_t Runtime::peak_memory_bytes() const {

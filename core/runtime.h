@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "core/config.h"
@@ -18,6 +19,25 @@ struct Runtime {
   std::string dtype_name() const { return dtype == at::kBFloat16 ? "bf16" : "fp32"; }
   void synchronize() const;             // waits for queued GPU work (timing)
   int64_t peak_memory_bytes() const;    // peak allocated on this device, 0 on CPU
+};
+
+// Marks in the device's queue and the time between them: on a GPU by timing
+// events (the device's own clock, whatever the host was doing), on the CPU by
+// the host clock at the mark.
+class DeviceClock {
+ public:
+  explicit DeviceClock(const at::Device& device);
+  ~DeviceClock();
+  DeviceClock(const DeviceClock&) = delete;
+  DeviceClock& operator=(const DeviceClock&) = delete;
+  // Queues a mark; the seconds from the previous mark (or construction) to it,
+  // read by seconds_to_last_mark() (which waits for the device to reach it).
+  void mark();
+  double seconds_to_last_mark();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
 };
 
 // train.device / train.dtype: auto picks CUDA device `local_rank` and bf16 when

@@ -57,6 +57,16 @@ std::set<int64_t> steps_from_env(const char* name) {
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
+// The reader's next batch on the device, uploaded ahead of its step.
+struct DeviceBatch {
+  int64_t rows = 0;
+  int64_t step = 0;          // the batch's step in the sample order (the stream draw)
+  at::Tensor inputs, labels;  // [rows, seq] int64
+  at::Tensor positions;       // [seq] int64
+  int64_t data_step = 0;     // the reader's position after this batch
+  double data_wait = 0;      // seconds the reader made us wait for it
+};
+
 // One optimizer step's losses, averaged over the step's micro-batches.
 struct StepLosses {
   double loss = 0, ce = 0, sparsity = 0, commitment = 0;
@@ -84,7 +94,8 @@ class Trainer {
  private:
   void start();
   void resume(const fs::path& checkpoint);
-  StepLosses train_step(const data::Batch& batch, int64_t step);  // step: its number, from 1
+  DeviceBatch next_batch();
+  StepLosses train_step(const DeviceBatch& batch, int64_t step);  // step: its number, from 1
   void read_losses(StepLosses* out);
   void save_checkpoint(double* seconds);
   void evaluate_at_end();
@@ -275,19 +286,33 @@ void Trainer::evaluate_at_end() {
   barrier();
 }
 
-StepLosses Trainer::train_step(const data::Batch& batch, int64_t step) {
-  const int64_t micro = config_.train.micro_batch;
-  const int64_t n_micro = batch.rows / micro;
+DeviceBatch Trainer::next_batch() {
+  const data::Batch batch = reader_->next();
+  DeviceBatch out;
+  out.rows = batch.rows;
+  out.step = batch.step;
+  out.data_step = reader_->cursor().step;
+  out.data_wait = batch.wait_seconds;
   const int64_t cols = batch.cols;
-  auto long_opts = at::TensorOptions().dtype(at::kLong);
-  auto inputs = at::from_blob(const_cast<int32_t*>(batch.inputs.data()), {batch.rows, cols}, at::kInt).to(at::kLong);
-  auto labels = at::from_blob(const_cast<int32_t*>(batch.labels.data()), {batch.rows, cols}, at::kInt).to(at::kLong);
-  auto positions = at::from_blob(const_cast<int64_t*>(batch.positions.data()), {cols}, long_opts).clone();
+  out.inputs = at::from_blob(const_cast<int32_t*>(batch.inputs.data()), {batch.rows, cols}, at::kInt).to(at::kLong);
+  out.labels = at::from_blob(const_cast<int32_t*>(batch.labels.data()), {batch.rows, cols}, at::kInt).to(at::kLong);
+  out.positions = at::from_blob(const_cast<int64_t*>(batch.positions.data()), {cols}, at::kLong).clone();
   if (runtime_.device.is_cuda()) {
     // From pinned memory without waiting: the previous step's update may still
     // be running, and this step's work queues behind it.
-    for (at::Tensor* t : {&inputs, &labels, &positions}) *t = t->pin_memory().to(runtime_.device, /*non_blocking=*/true);
+    for (at::Tensor* t : {&out.inputs, &out.labels, &out.positions}) {
+      *t = t->pin_memory().to(runtime_.device, /*non_blocking=*/true);
+    }
   }
+  return out;
+}
+
+StepLosses Trainer::train_step(const DeviceBatch& batch, int64_t step) {
+  const int64_t micro = config_.train.micro_batch;
+  const int64_t n_micro = batch.rows / micro;
+  const at::Tensor& inputs = batch.inputs;
+  const at::Tensor& labels = batch.labels;
+  const at::Tensor& positions = batch.positions;
 
   StreamSettings settings;
   settings.mode = mode_;
@@ -350,7 +375,7 @@ TrainOutcome Trainer::run() {
   double last_loss = std::nan("");
   std::map<std::string, double> comm_before = grid_.comm_seconds();
   auto run_start = Clock::now();
-  auto t0 = run_start;  // the end of the previous step
+  DeviceClock step_clock(runtime_.device);  // marks each step's end in the device queue
   const int64_t first_step = state_.step;
   profiler_ = std::make_unique<StepProfiler>(config_.monitoring.profile_start, config_.monitoring.profile_steps,
                                              run_dir_, grid_.rank(), runtime_.device.is_cuda(), leader_);
@@ -358,24 +383,28 @@ TrainOutcome Trainer::run() {
   // behind the current one's update, before the host waits for the current
   // one's results and does its bookkeeping, so the device does not wait for the
   // host between steps.
+  // (Its batch goes up before the current step's update is queued.)
   struct QueuedStep {
     StepLosses losses;
     int64_t data_step = 0;     // the reader's position after this step's batch
     double data_wait = 0;
   };
-  auto queue_step = [&](int64_t step) {
-    data::Batch batch = reader_->next();
+  auto queue_step = [&](const DeviceBatch& batch, int64_t step) {
     QueuedStep q;
-    q.data_step = reader_->cursor().step;
-    q.data_wait = batch.wait_seconds;
+    q.data_step = batch.data_step;
+    q.data_wait = batch.data_wait;
     q.losses = train_step(batch, step);
     return q;
   };
   std::optional<QueuedStep> queued;
   while (state_.step < total) {
     profiler_->before_step(state_.step + 1);
-    QueuedStep current = queued ? std::move(*queued) : queue_step(state_.step + 1);
+    QueuedStep current = queued ? std::move(*queued) : queue_step(next_batch(), state_.step + 1);
     queued.reset();
+    const bool run_ends = state_.step + 1 >= total ||
+                          (limits_.stop_after_steps >= 0 && state_.step + 1 - first_step >= limits_.stop_after_steps);
+    std::optional<DeviceBatch> next_input;
+    if (!run_ends) next_input = next_batch();
     StepLosses& losses = current.losses;
     const double lr = cosine_lr(config_.optimizer.lr, state_.step, total, config_.schedule.warmup_fraction,
                                 config_.schedule.final_lr_fraction);
@@ -383,10 +412,9 @@ TrainOutcome Trainer::run() {
     // the device with the gradient norm's verdict).
     losses.host_sums = parallel::HostCopy(losses.device_sums);
     optimizer_->launch_step(lr, at::isfinite(losses.device_sums.narrow(0, 0, 1)).logical_not());
+    step_clock.mark();
     optimizer_->zero_grad();  // the next step's gradients start from zero
-    const bool run_ends = state_.step + 1 >= total ||
-                          (limits_.stop_after_steps >= 0 && state_.step + 1 - first_step >= limits_.stop_after_steps);
-    if (!run_ends) queued = queue_step(state_.step + 2);
+    if (next_input) queued = queue_step(*next_input, state_.step + 2);
     read_losses(&losses);
     const parallel::StepResult result = optimizer_->finish_step();
     const bool finite_loss = std::isfinite(losses.loss);
@@ -410,10 +438,9 @@ TrainOutcome Trainer::run() {
     }
     ++state_.step;
     state_.tokens_seen += tokens_per_step;
-    // No wait for the update: the next step queues behind it. A step's time is
-    // from the end of the previous one's (its backward waited for above) to here.
-    const double step_seconds = seconds_since(t0);
-    t0 = Clock::now();
+    // A step's time: from the previous step's update to this one's, on the
+    // device's clock (the host is already queueing the next step).
+    const double step_seconds = step_clock.seconds_to_last_mark();
     profiler_->after_step(state_.step);
 
     monitoring::StepRecord record;
@@ -452,7 +479,6 @@ TrainOutcome Trainer::run() {
       double seconds = 0;
       save_checkpoint(&seconds);
       record.checkpoint_seconds = seconds;
-      t0 = Clock::now();  // the next step's time leaves the checkpoint out
     }
     exporter_->record_step(record);
     if (log_) log_->write(record);
