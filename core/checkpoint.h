@@ -1,6 +1,8 @@
 #pragma once
 // Checkpoint folders of a run:
-//   <run>/checkpoints/step-000100/   model.h5, optimizer-dp<r>.h5 (one per dp shard), state.json
+//   <run>/checkpoints/step-000100/   model.h5, state.json and the optimizer shards:
+//                                    optimizer-dp<r>.h5 (one per dp rank), or with
+//                                    ZeRO over cp too optimizer-dp<r>-cp<c>.h5 (one per rank)
 //   <run>/checkpoints/latest         symlink to the newest complete step folder
 // A checkpoint is written into step-000100.tmp, every file fsynced, then the
 // folder renamed and `latest` replaced atomically (symlink + rename), so a process

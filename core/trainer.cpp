@@ -161,9 +161,7 @@ void Trainer::start() {
   adam.grad_clip = config_.optimizer.grad_clip;
   adam.zero = config_.optimizer.zero;
   adam.bucket_numel = config_.optimizer.bucket_mb * (int64_t{1} << 20) / 4;
-  optimizer_ = std::make_unique<parallel::ShardedAdamW>(optimizer_parameters(*model_), adam,
-                                                        group_or_null(grid_.dp_group()),
-                                                        group_or_null(grid_.cp_group()));
+  optimizer_ = parallel::ShardedAdamW::for_grid(optimizer_parameters(*model_), adam, grid_);
   state_.dp = grid_.dp();
   state_.cp = grid_.cp();
   state_.seed = static_cast<uint64_t>(config_.train.seed);
@@ -243,7 +241,9 @@ void Trainer::save_checkpoint(double* seconds) {
   barrier();
   const fs::path dir = checkpoints_.staging(step);
   if (leader_) save_model_weights(*model_, (dir / "model.h5").string());
-  if (grid_.cp_rank() == 0) {
+  // Optimizer shards with their global offsets: one file per dp rank, or per
+  // rank when the cp ranks hold different shards; any grid can read them.
+  if (grid_.cp_rank() == 0 || optimizer_->shards_over_cp()) {
     std::vector<NamedTensor> tensors;
     for (const auto& shard : optimizer_->export_state()) {
       const std::map<std::string, int64_t> attrs{{"offset", shard.offset}, {"numel", shard.numel}};
@@ -252,7 +252,10 @@ void Trainer::save_checkpoint(double* seconds) {
       tensors.push_back({prefix + "exp_avg", shard.exp_avg, attrs});
       tensors.push_back({prefix + "exp_avg_sq", shard.exp_avg_sq, attrs});
     }
-    write_tensor_file((dir / fmt::format("optimizer-dp{}.h5", grid_.dp_rank())).string(), tensors);
+    const std::string name = optimizer_->shards_over_cp()
+                                 ? fmt::format("optimizer-dp{}-cp{}.h5", grid_.dp_rank(), grid_.cp_rank())
+                                 : fmt::format("optimizer-dp{}.h5", grid_.dp_rank());
+    write_tensor_file((dir / name).string(), tensors);
   }
   if (leader_) {
     state_.config_json = config_.to_json();

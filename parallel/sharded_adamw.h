@@ -1,7 +1,8 @@
 #pragma once
 // AdamW (decoupled weight decay, PyTorch's update rule and bias correction) with
 // fp32 master weights and global-norm clipping, over data-parallel replicas and
-// context-parallel ranks, optionally ZeRO-sharded over dp.
+// context-parallel ranks, optionally ZeRO-sharded over dp (or, from
+// for_grid, over dp x cp).
 //
 // Gradients: each rank's loss is the mean over its own tokens (its micro-batch
 // rows and, with cp, its zigzag chunks; the ring attention's backward already
@@ -35,6 +36,7 @@
 #include "parallel/communicator.h"
 #include "parallel/flat_layout.h"
 #include "parallel/host_copy.h"
+#include "parallel/process_grid.h"
 
 namespace ssa::parallel {
 
@@ -76,6 +78,16 @@ class ShardedAdamW {
   // current values into the fp32 master weights (of my shard).
   ShardedAdamW(std::vector<Parameter> params, AdamWOptions options, Communicator* dp_group, Communicator* cp_group);
   ~ShardedAdamW();
+  // The optimizer of a process grid. With ZeRO and cp > 1 it shards over every
+  // rank of the grid: the cp ranks of a replica hold the same parameters and
+  // their gradients enter the mean like dp ranks' do, so the whole grid acts as
+  // the dp group (reduce-scatter over dp x cp ranks, 1 / (dp * cp) of the state
+  // each). Otherwise over dp, with the mean taken over cp too.
+  static std::unique_ptr<ShardedAdamW> for_grid(std::vector<Parameter> params, AdamWOptions options,
+                                                ProcessGrid& grid);
+  // Whether the cp ranks of a replica hold different shards (for_grid with ZeRO
+  // and cp > 1): each rank then saves its own.
+  bool shards_over_cp() const { return shards_over_cp_; }
 
   // Averages the gradients (param.grad(); undefined counts as zero), clips,
   // updates, and writes the new weights into the parameters. Collective over dp
@@ -106,8 +118,9 @@ class ShardedAdamW {
   int64_t overlapped_buckets() const { return overlapped_buckets_; }
   int64_t bucket_count() const { return static_cast<int64_t>(layout_->buckets().size()); }
 
-  // My shards (with ZeRO: my 1/dp of every bucket; without: everything on dp
-  // rank 0 and nothing elsewhere, so the union over dp ranks covers the range once).
+  // My shards (with ZeRO: my 1/n of every bucket, n the ranks sharing them;
+  // without: everything on dp rank 0 and nothing elsewhere, so the union over dp
+  // ranks covers the range once).
   std::vector<ShardState> export_state() const;
   // Shards from any dp size that together cover [0, numel()) exactly once.
   // Collective (refreshes the parameters from the imported master weights).
@@ -157,6 +170,7 @@ class ShardedAdamW {
 
   std::vector<Parameter> params_;
   AdamWOptions options_;
+  bool shards_over_cp_ = false;
   Communicator* dp_ = nullptr;
   Communicator* cp_ = nullptr;
   int64_t dp_size_ = 1, dp_rank_ = 0;

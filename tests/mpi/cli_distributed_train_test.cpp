@@ -87,6 +87,26 @@ TEST_F(DistributedTrain, CheckpointAtDp4ResumesAtDp2) {
   EXPECT_TRUE(log.find("mode sparse") != std::string::npos || log.find("mode mixed") != std::string::npos) << log;
 }
 
+// With cp > 1 the ZeRO shards spread over every rank: each writes its own, and
+// the checkpoint resumes on a grid without cp (shards carry global offsets).
+TEST_F(DistributedTrain, ShardsOverCpResumeAtDp2) {
+  ASSERT_EQ(run_shell(mpirun(2) + train_args(data_, dir_ / "straight", 1, 2, 4), dir_ / "straight.log"), 0)
+      << read_all(dir_ / "straight.log");
+  const auto run = dir_ / "cp-then-dp";
+  ASSERT_EQ(run_shell(mpirun(2) + train_args(data_, run, 1, 2, 4) + " --stop-after-steps 2", dir_ / "a.log"), 0)
+      << read_all(dir_ / "a.log");
+  for (const char* f : {"optimizer-dp0-cp0.h5", "optimizer-dp0-cp1.h5"}) {
+    EXPECT_TRUE(fs::exists(run / "checkpoints/latest" / f)) << f;
+  }
+  EXPECT_FALSE(fs::exists(run / "checkpoints/latest/optimizer-dp0.h5"));
+  ASSERT_EQ(run_shell(mpirun(2) + train_args(data_, run, 2, 1, 4), dir_ / "b.log"), 0) << read_all(dir_ / "b.log");
+  EXPECT_NE(read_all(dir_ / "b.log").find("resumed from"), std::string::npos);
+  auto a = losses(dir_ / "straight"), b = losses(run);
+  ASSERT_EQ(a.size(), 4u);
+  ASSERT_EQ(b.size(), 4u);
+  for (const auto& [step, loss] : a) EXPECT_NEAR(b[step], loss, 1e-5 * std::abs(loss)) << "step " << step;
+}
+
 // Gradients reduced bucket by bucket during the backward (the default) train
 // the same model as gradients reduced after it, with recomputed layers and
 // micro-batches, over dp and cp together and over cp alone.

@@ -137,7 +137,9 @@ void check_matches_plain_adamw(int64_t dp, int64_t cp, bool zero, bool overlap =
   const Data data = make_data(21);
   const AdamWOptions o = test_options(zero);
   Model model = make_model(7);
-  ShardedAdamW opt(as_parameters(model), o, group_or_null(grid.dp_group()), group_or_null(grid.cp_group()));
+  const auto owned = ShardedAdamW::for_grid(as_parameters(model), o, grid);
+  ShardedAdamW& opt = *owned;
+  EXPECT_EQ(opt.shards_over_cp(), zero && cp > 1);
   ReferenceAdamW ref(7);
   int clipped = 0;
   for (int s = 0; s < 5; ++s) {
