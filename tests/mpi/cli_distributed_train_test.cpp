@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <thread>
+#include <utility>
 
 #include "cli_support.h"
 
@@ -67,20 +68,35 @@ class DistributedTrain : public ::testing::Test {
   fs::path dir_, data_;
 };
 
+// A 4-step run at grid (dp, cp) = a stopped after 2 steps and resumed at grid b
+// ends with the losses of the same run left uninterrupted at a; returns the
+// stopped-and-resumed run's directory.
+fs::path expect_resume_on_grid(const fs::path& dir, const fs::path& data, std::pair<int, int> a,
+                               std::pair<int, int> b) {
+  const std::string name = std::to_string(a.first) + "x" + std::to_string(a.second) + "-then-" +
+                           std::to_string(b.first) + "x" + std::to_string(b.second);
+  const fs::path straight = dir / (name + "-straight"), run = dir / name;
+  const int np_a = a.first * a.second, np_b = b.first * b.second;
+  EXPECT_EQ(run_shell(mpirun(np_a) + train_args(data, straight, a.first, a.second, 4), dir / "straight.log"), 0)
+      << read_all(dir / "straight.log");
+  EXPECT_EQ(run_shell(mpirun(np_a) + train_args(data, run, a.first, a.second, 4) + " --stop-after-steps 2",
+                      dir / "a.log"),
+            0)
+      << read_all(dir / "a.log");
+  EXPECT_EQ(run_shell(mpirun(np_b) + train_args(data, run, b.first, b.second, 4), dir / "b.log"), 0)
+      << read_all(dir / "b.log");
+  EXPECT_NE(read_all(dir / "b.log").find("resumed from"), std::string::npos) << name;
+  auto want = losses(straight), got = losses(run);
+  EXPECT_EQ(want.size(), 4u) << name;
+  EXPECT_EQ(got.size(), 4u) << name;
+  for (const auto& [step, loss] : want) EXPECT_NEAR(got[step], loss, 1e-5 * std::abs(loss)) << name << " step " << step;
+  return run;
+}
+
 }  // namespace
 
 TEST_F(DistributedTrain, CheckpointAtDp4ResumesAtDp2) {
-  ASSERT_EQ(run_shell(mpirun(4) + train_args(data_, dir_ / "straight", 4, 1, 4), dir_ / "straight.log"), 0)
-      << read_all(dir_ / "straight.log");
-  const auto run = dir_ / "resharded";
-  ASSERT_EQ(run_shell(mpirun(4) + train_args(data_, run, 4, 1, 4) + " --stop-after-steps 2", dir_ / "a.log"), 0)
-      << read_all(dir_ / "a.log");
-  ASSERT_EQ(run_shell(mpirun(2) + train_args(data_, run, 2, 1, 4), dir_ / "b.log"), 0) << read_all(dir_ / "b.log");
-  EXPECT_NE(read_all(dir_ / "b.log").find("resumed from"), std::string::npos);
-  auto a = losses(dir_ / "straight"), b = losses(run);
-  ASSERT_EQ(a.size(), 4u);
-  ASSERT_EQ(b.size(), 4u);
-  for (const auto& [step, loss] : a) EXPECT_NEAR(b[step], loss, 1e-5 * std::abs(loss)) << "step " << step;
+  expect_resume_on_grid(dir_, data_, {4, 1}, {2, 1});
   // Not vacuous: over the 16 sequences both streams were passed.
   const std::string log = read_all(dir_ / "straight.log");
   EXPECT_TRUE(log.find("mode full") != std::string::npos || log.find("mode mixed") != std::string::npos) << log;
@@ -90,21 +106,11 @@ TEST_F(DistributedTrain, CheckpointAtDp4ResumesAtDp2) {
 // With cp > 1 the ZeRO shards spread over every rank: each writes its own, and
 // the checkpoint resumes on a grid without cp (shards carry global offsets).
 TEST_F(DistributedTrain, ShardsOverCpResumeAtDp2) {
-  ASSERT_EQ(run_shell(mpirun(2) + train_args(data_, dir_ / "straight", 1, 2, 4), dir_ / "straight.log"), 0)
-      << read_all(dir_ / "straight.log");
-  const auto run = dir_ / "cp-then-dp";
-  ASSERT_EQ(run_shell(mpirun(2) + train_args(data_, run, 1, 2, 4) + " --stop-after-steps 2", dir_ / "a.log"), 0)
-      << read_all(dir_ / "a.log");
-  for (const char* f : {"optimizer-dp0-cp0.h5", "optimizer-dp0-cp1.h5"}) {
-    EXPECT_TRUE(fs::exists(run / "checkpoints/latest" / f)) << f;
-  }
-  EXPECT_FALSE(fs::exists(run / "checkpoints/latest/optimizer-dp0.h5"));
-  ASSERT_EQ(run_shell(mpirun(2) + train_args(data_, run, 2, 1, 4), dir_ / "b.log"), 0) << read_all(dir_ / "b.log");
-  EXPECT_NE(read_all(dir_ / "b.log").find("resumed from"), std::string::npos);
-  auto a = losses(dir_ / "straight"), b = losses(run);
-  ASSERT_EQ(a.size(), 4u);
-  ASSERT_EQ(b.size(), 4u);
-  for (const auto& [step, loss] : a) EXPECT_NEAR(b[step], loss, 1e-5 * std::abs(loss)) << "step " << step;
+  const fs::path run = expect_resume_on_grid(dir_, data_, {1, 2}, {2, 1});
+  const fs::path at_cp2 = run / "checkpoints/step-000002", at_dp2 = run / "checkpoints/step-000004";
+  for (const char* f : {"optimizer-dp0-cp0.h5", "optimizer-dp0-cp1.h5"}) EXPECT_TRUE(fs::exists(at_cp2 / f)) << f;
+  EXPECT_FALSE(fs::exists(at_cp2 / "optimizer-dp0.h5"));
+  for (const char* f : {"optimizer-dp0.h5", "optimizer-dp1.h5"}) EXPECT_TRUE(fs::exists(at_dp2 / f)) << f;
 }
 
 // Gradients reduced bucket by bucket during the backward (the default) train
