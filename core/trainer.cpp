@@ -1,5 +1,6 @@
 #include "core/trainer.h"
 
+#include <ATen/record_function.h>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
@@ -393,6 +394,7 @@ TrainOutcome Trainer::run() {
     double data_wait = 0;
   };
   auto queue_step = [&](const DeviceBatch& batch, int64_t step) {
+    RECORD_USER_SCOPE("ssa::queue_step");  // host phases show in profiler traces
     QueuedStep q;
     q.data_step = batch.data_step;
     q.data_wait = batch.data_wait;
@@ -418,8 +420,12 @@ TrainOutcome Trainer::run() {
     step_clock.mark();
     optimizer_->zero_grad();  // the next step's gradients start from zero
     if (next_input) queued = queue_step(*next_input, state_.step + 2);
-    read_losses(&losses);
-    const parallel::StepResult result = optimizer_->finish_step();
+    parallel::StepResult result;
+    {
+      RECORD_USER_SCOPE("ssa::wait_for_step");
+      read_losses(&losses);
+      result = optimizer_->finish_step();
+    }
     const bool finite_loss = std::isfinite(losses.loss);
     state_.data_step = current.data_step;  // a checkpoint resumes after this step's batch
     if (!finite_loss || !result.applied) {
@@ -446,6 +452,7 @@ TrainOutcome Trainer::run() {
     const double step_seconds = step_clock.seconds_to_last_mark();
     profiler_->after_step(state_.step);
 
+    RECORD_USER_SCOPE("ssa::step_end");  // records, logs, preemption, checkpoint
     monitoring::StepRecord record;
     record.step = state_.step;
     record.total_steps = total;

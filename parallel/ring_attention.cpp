@@ -1,6 +1,7 @@
 #include "parallel/ring_attention.h"
 
 #include <ATen/core/grad_mode.h>
+#include <ATen/record_function.h>
 
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -126,6 +127,7 @@ std::vector<WorkItem> selected_work(const RingSetup& setup, int64_t compact_rows
 }
 
 ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  RECORD_USER_SCOPE("ssa::ring_forward");
   const ZigzagLayout& z = setup.layout;
   const int64_t b = q.size(0), rows = q.size(1), hq = q.size(2), d = q.size(3);
   const auto acc = q.options().dtype(accumulation_type(q.scalar_type()));
@@ -252,6 +254,7 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
 
 ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const ContextOutputs& outputs, const at::Tensor& grad_full, const at::Tensor& grad_sparse) {
+  RECORD_USER_SCOPE("ssa::ring_backward");
   const ZigzagLayout& z = setup.layout;
   const auto acc = q.options().dtype(accumulation_type(q.scalar_type()));
   // dq: the sparse kernels add into the fp32 sum in place; the fused full-stream
