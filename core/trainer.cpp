@@ -383,11 +383,11 @@ TrainOutcome Trainer::run() {
   const int64_t first_step = state_.step;
   profiler_ = std::make_unique<StepProfiler>(config_.monitoring.profile_start, config_.monitoring.profile_steps,
                                              run_dir_, grid_.rank(), runtime_.device.is_cuda(), leader_);
-  // A step whose forward and backward are queued. The next step is queued right
-  // behind the current one's update, before the host waits for the current
-  // one's results and does its bookkeeping, so the device does not wait for the
-  // host between steps.
-  // (Its batch goes up before the current step's update is queued.)
+  // A step whose forward and backward are queued. The next step's batch goes up
+  // before the current step's update is queued, and its forward and backward
+  // right behind that update, before the host waits for the current step's
+  // results and does its bookkeeping: the device does not wait for the host
+  // between steps.
   struct QueuedStep {
     StepLosses losses;
     int64_t data_step = 0;     // the reader's position after this step's batch
