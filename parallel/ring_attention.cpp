@@ -132,10 +132,10 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
   const int64_t b = q.size(0), rows = q.size(1), hq = q.size(2), d = q.size(3);
   const auto acc = q.options().dtype(accumulation_type(q.scalar_type()));
   // With the sparse stream on the ring, the whole sequence's K/V is assembled
-  // anyway: the full stream then computes only its diagonal items (each local q
-  // chunk on its own K/V chunk) while the K/V travel, and after the ring one
-  // unmasked call per q chunk over every earlier chunk (a contiguous prefix of
-  // the assembled K/V): fewer, larger calls and at most one merge per chunk.
+  // anyway: the full stream then computes my chunks on themselves (one causal
+  // call, diagonal_work) while the K/V travel, and after the ring at most two
+  // unmasked calls on earlier chunks (prefix_work): fewer, larger calls, merged
+  // once.
   const bool prefix_full = full_on_prefix(setup);
   std::optional<PartialSum> full, sparse;
   std::vector<kernels::RowPartial> full_parts;  // prefix_full: merged once, at the end
