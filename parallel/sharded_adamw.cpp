@@ -221,9 +221,10 @@ void ShardedAdamW::launch_step(double lr, const at::Tensor& skip) {
   for (size_t i = 0; i < buckets.size(); ++i) {
     const FlatBucket& b = buckets[i];
     if (b.own_numel() == 0) continue;
-    const at::Tensor norm = at::linalg_vector_norm(grads[i].narrow(0, b.own_begin - state_origin(b), b.own_numel()), 2,
-                                                   std::nullopt, false, at::kDouble);
-    norm_sq.add_(norm.square());
+    // fp32 reduction (fp32 accumulators in a tree: ~1e-7 relative), squared in
+    // fp64; asking for an fp64 norm would first convert the whole shard.
+    const at::Tensor norm = at::linalg_vector_norm(grads[i].narrow(0, b.own_begin - state_origin(b), b.own_numel()), 2);
+    norm_sq.add_(norm.to(at::kDouble).square());
   }
   if (sharded()) dp_->all_reduce(norm_sq, ReduceOp::kSum);  // disjoint shards: sum of squares
   // Every rank must take the same branch: agree on "skip" over dp and cp.
@@ -278,7 +279,8 @@ StepResult ShardedAdamW::finish_step() {
 
 void ShardedAdamW::write_parameters() {
   at::NoGradGuard no_grad;
-  // All-gather in the model dtype when every parameter shares it (half the bytes for bf16).
+  // The new weights in the model dtype when every parameter shares it: half the
+  // bytes to all-gather for bf16, and same-dtype copies into the parameters.
   at::ScalarType gather_type = params_.front().tensor.scalar_type();
   for (const Parameter& p : params_) {
     if (p.tensor.scalar_type() != gather_type) gather_type = at::kFloat;
@@ -286,14 +288,16 @@ void ShardedAdamW::write_parameters() {
   const auto& buckets = layout_->buckets();
   for (size_t i = 0; i < buckets.size(); ++i) {
     const FlatBucket& b = buckets[i];
-    const at::Tensor full = sharded() ? dp_->all_gather(state_[i].master.to(gather_type)) : state_[i].master;
+    const at::Tensor own = state_[i].master.to(gather_type);
+    const at::Tensor full = sharded() ? dp_->all_gather(own) : own;
+    // One multi-tensor copy per bucket (not a kernel per parameter).
+    std::vector<at::Tensor> dst, src;
     for (const FlatPiece& piece : b.pieces) {
-      params_[static_cast<size_t>(piece.param)]
-          .tensor.detach()
-          .view({-1})
-          .narrow(0, piece.param_offset, piece.numel)
-          .copy_(full.narrow(0, piece.bucket_offset, piece.numel));
+      dst.push_back(params_[static_cast<size_t>(piece.param)].tensor.detach().view({-1}).narrow(0, piece.param_offset,
+                                                                                               piece.numel));
+      src.push_back(full.narrow(0, piece.bucket_offset, piece.numel));
     }
+    at::_foreach_copy_(dst, src);
   }
 }
 
