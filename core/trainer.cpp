@@ -101,7 +101,6 @@ class Trainer {
   void save_checkpoint(double* seconds);
   void evaluate_at_end();
   void barrier() { grid_.world().barrier(); }
-  parallel::Communicator* group_or_null(parallel::Communicator& c) { return c.size() > 1 ? &c : nullptr; }
 
   Config config_;
   fs::path run_dir_;
@@ -324,7 +323,7 @@ StepLosses Trainer::train_step(const DeviceBatch& batch, int64_t step) {
   settings.smooth_l1_beta = config_.ssa.smooth_l1_beta;
   settings.sparse = sparse_options(config_.attention, runtime_.device);
   settings.seq_len = config_.train.seq_len;
-  settings.cp_group = group_or_null(grid_.cp_group());
+  settings.cp_group = parallel::group_or_null(grid_.cp_group());
 
   StepLosses out;
   // The losses stay on the device until the optimizer step is enqueued: reading

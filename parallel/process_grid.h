@@ -78,4 +78,8 @@ class ProcessGrid {
   std::unique_ptr<State> state_;
 };
 
+// The group, or nullptr for a group of one (what the optimizer and the
+// attention settings take for "no communication").
+inline Communicator* group_or_null(Communicator& group) { return group.size() > 1 ? &group : nullptr; }
+
 }  // namespace ssa::parallel

@@ -96,13 +96,13 @@ ShardedAdamW::ShardedAdamW(std::vector<Parameter> params, AdamWOptions options, 
 
 std::unique_ptr<ShardedAdamW> ShardedAdamW::for_grid(std::vector<Parameter> params, AdamWOptions options,
                                                      ProcessGrid& grid) {
-  auto group = [](Communicator& c) { return c.size() > 1 ? &c : nullptr; };
   if (options.zero && grid.cp() > 1) {
-    auto opt = std::make_unique<ShardedAdamW>(std::move(params), options, group(grid.world()), nullptr);
+    auto opt = std::make_unique<ShardedAdamW>(std::move(params), options, group_or_null(grid.world()), nullptr);
     opt->shards_over_cp_ = true;
     return opt;
   }
-  return std::make_unique<ShardedAdamW>(std::move(params), options, group(grid.dp_group()), group(grid.cp_group()));
+  return std::make_unique<ShardedAdamW>(std::move(params), options, group_or_null(grid.dp_group()),
+                                        group_or_null(grid.cp_group()));
 }
 
 ShardedAdamW::~ShardedAdamW() {

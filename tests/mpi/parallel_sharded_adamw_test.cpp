@@ -130,8 +130,6 @@ double max_diff(const Model& a, const Model& b) {
   return d;
 }
 
-Communicator* group_or_null(Communicator& c) { return c.size() > 1 ? &c : nullptr; }
-
 void check_matches_plain_adamw(int64_t dp, int64_t cp, bool zero, bool overlap = false) {
   ProcessGrid grid = ProcessGrid::init(dp, cp);
   const Data data = make_data(21);
