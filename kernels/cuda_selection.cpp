@@ -33,12 +33,15 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
   at::Tensor ids = at::empty({q.size(0), q.size(1), pooled.size(2), options.top_k}, q.options().dtype(at::kInt));
   if (q.size(1) == 0) return ids;
 
-  // fp32 pooled keys as hi + lo bf16 parts, [B, Hkv, Nb, D] each (one kernel).
+  // fp32 pooled keys as hi + lo bf16 parts, [B, Hkv, Nb, D] each, and each chunk's
+  // largest key norm (one kernel).
   at::Tensor pk = pooled.detach().to(at::kFloat);
   const int64_t d = pk.size(3), hkv = pk.size(2);
   if (pk.stride(3) != 1 || pk.stride(2) != d || pk.stride(1) != hkv * d) pk = pk.contiguous();
   at::Tensor hi = at::empty({pk.size(0), hkv, pk.size(1), d}, pk.options().dtype(at::kBFloat16));
   at::Tensor lo = at::empty_like(hi);
+  const int64_t n_chunks = (pk.size(1) + kSelectChunk - 1) / kSelectChunk;
+  at::Tensor chunk_norm = at::empty({pk.size(0), hkv, n_chunks}, pk.options());
   SplitParams sp;
   sp.pooled = pk.data_ptr<float>();
   sp.pooled_batch_stride = pk.stride(0);
@@ -48,6 +51,7 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
   sp.head_dim = to_int(fn, "head dim", d);
   sp.hi = bf16_mut(hi);
   sp.lo = bf16_mut(lo);
+  sp.chunk_norm = chunk_norm.data_ptr<float>();
   SSA_CUDA_CHECK(launch_split(sp, at::cuda::getCurrentCUDAStream()));
   const at::Tensor qc = q.detach().contiguous();
   SelectParams p;
@@ -57,6 +61,7 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
   p.q = bf16_ptr(qc);
   p.pooled_hi = bf16_ptr(hi);
   p.pooled_lo = bf16_ptr(lo);
+  p.chunk_norm = chunk_norm.data_ptr<float>();
   at::Tensor scratch;
   if (p.per_query_block) {
     const int64_t n_query_blocks = (q.size(1) + options.block_size - 1) / options.block_size;

@@ -157,14 +157,19 @@ struct PoolParams {
 };
 cudaError_t launch_pool(const PoolParams& p, cudaStream_t stream);
 
+// Pooled blocks per chunk of the selection kernel's stream.
+constexpr int kSelectChunk = 64;
+
 // pooled [B, Nb, Hkv, D] fp32 (dims 1-3 contiguous) -> hi = bf16(x), lo =
-// bf16(x - hi), each [B, Hkv, Nb, D]: the selection kernel's operands.
+// bf16(x - hi), each [B, Hkv, Nb, D], and chunk_norm [B, Hkv, ceil(Nb / kSelectChunk)]:
+// the largest |pooled row| of each chunk. The selection kernel's operands.
 struct SplitParams {
   const float* pooled = nullptr;
   int64_t pooled_batch_stride = 0;
   int batch = 0, n_blocks = 0, heads = 0, head_dim = 0;
   __nv_bfloat16* hi = nullptr;
   __nv_bfloat16* lo = nullptr;
+  float* chunk_norm = nullptr;
 };
 cudaError_t launch_split(const SplitParams& p, cudaStream_t stream);
 
@@ -178,6 +183,7 @@ struct SelectParams {
   const __nv_bfloat16* q = nullptr;
   const __nv_bfloat16* pooled_hi = nullptr;
   const __nv_bfloat16* pooled_lo = nullptr;
+  const float* chunk_norm = nullptr;  // SplitParams::chunk_norm
   float* block_scores = nullptr;  // query-block mode: [B, Hkv, n_query_blocks, Nb] fp32 scratch
   int32_t* block_ids = nullptr;
 };

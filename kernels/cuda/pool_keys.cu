@@ -1,6 +1,7 @@
 // The selection's inputs in two small kernels (instead of ~10 elementwise ATen
 // kernels per call): block means of the keys, and their bf16 hi + lo split in the
-// layout the selection kernel streams (params.cuh, PoolParams / SplitParams).
+// layout the selection kernel streams, with each chunk's largest key norm
+// (params.cuh, PoolParams / SplitParams).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -34,19 +35,37 @@ __global__ void __launch_bounds__(kThreads) pool_kernel(const PoolParams p) {
   p.pooled[i] = sum / static_cast<float>(end - first);
 }
 
-// One thread per output element of hi/lo [B, Hkv, Nb, D].
+// One CTA per (b, head, chunk of kSelectChunk pooled blocks), one warp per row at a
+// time, lanes over d: writes hi/lo [B, Hkv, Nb, D] and the chunk's largest key norm.
 __global__ void __launch_bounds__(kThreads) split_kernel(const SplitParams p) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t per_head = static_cast<int64_t>(p.n_blocks) * p.head_dim;
-  if (i >= per_head * p.heads * p.batch) return;
-  const int64_t d = i % p.head_dim;
-  const int64_t block = (i / p.head_dim) % p.n_blocks;
-  const int64_t bh = i / per_head;
+  __shared__ float warp_max[kThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n_chunks = (p.n_blocks + kSelectChunk - 1) / kSelectChunk;
+  const int chunk = static_cast<int>(blockIdx.x % n_chunks);
+  const int64_t bh = blockIdx.x / n_chunks;
   const int64_t h = bh % p.heads, b = bh / p.heads;
-  const float x = p.pooled[b * p.pooled_batch_stride + (block * p.heads + h) * p.head_dim + d];
-  const __nv_bfloat16 hi = __float2bfloat16_rn(x);
-  p.hi[i] = hi;
-  p.lo[i] = __float2bfloat16_rn(x - __bfloat162float(hi));
+  const int first = chunk * kSelectChunk, end = min(p.n_blocks, first + kSelectChunk);
+  float largest = 0.f;  // squared norm
+  for (int block = first + warp; block < end; block += kThreads / 32) {
+    const float* src = p.pooled + b * p.pooled_batch_stride + (static_cast<int64_t>(block) * p.heads + h) * p.head_dim;
+    const int64_t out = (bh * p.n_blocks + block) * p.head_dim;
+    float sq = 0.f;
+    for (int d = lane; d < p.head_dim; d += 32) {
+      const float x = src[d];
+      const __nv_bfloat16 hi = __float2bfloat16_rn(x);
+      p.hi[out + d] = hi;
+      p.lo[out + d] = __float2bfloat16_rn(x - __bfloat162float(hi));
+      sq = fmaf(x, x, sq);
+    }
+    for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+    largest = fmaxf(largest, sq);
+  }
+  if (lane == 0) warp_max[warp] = largest;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kThreads / 32; ++w) largest = fmaxf(largest, warp_max[w]);
+    p.chunk_norm[bh * n_chunks + chunk] = sqrtf(largest);
+  }
 }
 
 unsigned grid_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
@@ -66,9 +85,9 @@ cudaError_t launch_pool(const PoolParams& p, cudaStream_t stream) {
 }
 
 cudaError_t launch_split(const SplitParams& p, cudaStream_t stream) {
-  const int64_t n = static_cast<int64_t>(p.batch) * p.n_blocks * p.heads * p.head_dim;
-  if (n == 0) return cudaSuccess;
-  split_kernel<<<grid_for(n), kThreads, 0, stream>>>(p);
+  const int64_t ctas = static_cast<int64_t>(p.batch) * p.heads * ((p.n_blocks + kSelectChunk - 1) / kSelectChunk);
+  if (ctas == 0 || p.head_dim == 0) return cudaSuccess;
+  split_kernel<<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

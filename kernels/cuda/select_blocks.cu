@@ -26,14 +26,16 @@
 
 #include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/params.cuh"
-#include "kernels/cuda/sparse_tiles.cuh"
+#include "kernels/cuda/select_common.cuh"
 
 namespace ssa::kernels::cuda {
 namespace {
 
-constexpr unsigned kFull = 0xffffffffu;
+using device::kChunk;
+using device::kFull;
+using device::stream_chunks;
+using device::TopK;
 constexpr int kWarps = 8;
-constexpr int kChunk = 64;  // pooled blocks per shared-memory chunk
 
 // kMT: 16-head tiles per token (group > 16: 2); kPack: tokens per 16-column unit
 // (group <= 8: 2, one per n-tile; else 1).
@@ -47,102 +49,6 @@ struct SelectConfig {
   // Two buffers of (hi, lo) chunks, then the per-warp column sums of a chunk.
   static constexpr int kSmem = 2 * 2 * kChunkBytes + kWarps * kChunk * 4;
 };
-
-// Running top-k of one query over the warp, sorted by descending score; equal
-// scores keep the earlier (lower) block id first.
-struct TopK {
-  float s0, s1;  // scores of entries lane and lane + 32
-  int i0, i1;    // their block ids (-1: empty)
-
-  __device__ void init(int lane, int forced) {
-    s0 = lane == 0 ? INFINITY : -1.f;
-    i0 = lane == 0 ? forced : -1;
-    s1 = -1.f;
-    i1 = -1;
-  }
-  __device__ float threshold(int k) const {
-    const float v = k - 1 < 32 ? s0 : s1;
-    return __shfl_sync(kFull, v, (k - 1) & 31);
-  }
-  // Inserts after every entry with score >= s (the list shifts down by one).
-  // wide (k > 32, warp-uniform): the second list (entries 32..63) shifts too.
-  __device__ void insert(float s, int id, int lane, bool wide) {
-    float pa = __shfl_up_sync(kFull, s0, 1);
-    int ia = __shfl_up_sync(kFull, i0, 1);
-    if (lane == 0) pa = INFINITY;
-    if (wide) {
-      float pb = __shfl_up_sync(kFull, s1, 1);
-      int ib = __shfl_up_sync(kFull, i1, 1);
-      const float a31 = __shfl_sync(kFull, s0, 31);
-      const int ia31 = __shfl_sync(kFull, i0, 31);
-      if (lane == 0) {
-        pb = a31;
-        ib = ia31;
-      }
-      if (!(s1 >= s)) {
-        i1 = pb >= s ? id : ib;
-        s1 = pb >= s ? s : pb;
-      }
-    }
-    if (!(s0 >= s)) {
-      i0 = pa >= s ? id : ia;
-      s0 = pa >= s ? s : pa;
-    }
-  }
-  // The first k entries' ids in ascending order, -1 slots last.
-  __device__ void write_sorted(int32_t* out, int k, int lane) const {
-    const int key0 = lane < k && i0 >= 0 ? i0 : INT_MAX;
-    const int key1 = lane + 32 < k && i1 >= 0 ? i1 : INT_MAX;
-    int rank0 = 0, rank1 = 0;
-    for (int j = 0; j < 32 && j < k; ++j) {
-      const int kj = __shfl_sync(kFull, key0, j);
-      rank0 += kj < key0 || (kj == key0 && j < lane);
-      rank1 += kj < key1 || kj == key1;  // entry j (< 32) precedes entry lane + 32
-    }
-    for (int j = 32; j < k; ++j) {
-      const int kj = __shfl_sync(kFull, key1, j - 32);
-      rank0 += kj < key0;
-      rank1 += kj < key1 || (kj == key1 && j < lane + 32);
-    }
-    if (lane < k) out[rank0] = key0 == INT_MAX ? -1 : key0;
-    if (lane + 32 < k) out[rank1] = key1 == INT_MAX ? -1 : key1;
-  }
-};
-
-// Streams chunks [0, n_chunks) of pooled rows (hi, and lo when with_lo) through two
-// shared-memory buffers; f(chunk, hi_tile, lo_tile) runs between CTA barriers.
-template <int kD, typename F>
-__device__ void stream_chunks(int n_chunks, int n_rows, bool with_lo, const __nv_bfloat16* hi,
-                              const __nv_bfloat16* lo, uint32_t buffers, F&& f) {
-  constexpr int kChunkBytes = kChunk * kD * 2;
-  constexpr int kPieces = kChunk * kD / 8;  // 16-byte pieces per chunk
-  auto stage = [&](int c) {
-    const uint32_t base = buffers + (c & 1) * 2 * kChunkBytes;
-    for (int i = threadIdx.x; i < kPieces; i += kWarps * 32) {
-      const int row = i / (kD / 8), piece = i % (kD / 8);
-      const int64_t r = static_cast<int64_t>(c) * kChunk + row;
-      const bool valid = r < n_rows;
-      const int64_t off = valid ? r * kD + piece * 8 : 0;
-      const uint32_t dst = device::tile_offset<kD>(row, piece);
-      device::cp_async_16(base + dst, hi + off, valid);
-      if (with_lo) device::cp_async_16(base + kChunkBytes + dst, lo + off, valid);
-    }
-    device::cp_async_commit();
-  };
-  stage(0);
-  for (int c = 0; c < n_chunks; ++c) {
-    if (c + 1 < n_chunks) {
-      stage(c + 1);
-    } else {
-      device::cp_async_commit();
-    }
-    device::cp_async_wait<1>();
-    __syncthreads();
-    const uint32_t base = buffers + (c & 1) * 2 * kChunkBytes;
-    f(c, base, base + kChunkBytes);
-    __syncthreads();
-  }
-}
 
 // B fragments of Q^T for one unit of 16 columns, n-tile nt holding heads
 // rows[nt] + c * kD for c < valid[nt] (zero above): [n-tile][k-step][b0, b1].
@@ -224,6 +130,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
                          ? p.block_scores + ((static_cast<int64_t>(b) * s.hkv + kvh) * n_query_blocks + tile) * p.n_blocks
                          : nullptr;
 
+  const float* chunk_norm = p.chunk_norm + (static_cast<int64_t>(b) * s.hkv + kvh) * ((p.n_blocks + kChunk - 1) / kChunk);
   const int per_round = kWarps * kTokens;
   const int rounds = (t_end - t_begin + per_round - 1) / per_round;
   for (int round = 0; round < rounds; ++round) {
@@ -254,63 +161,138 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
       load_q_as_b<kD>(qb[u], rows, valid_heads, lane);
     }
 
-    // Pass 1: per head (this thread's 4 heads per unit) the running max m (raw
-    // logits) and sum l of 2^((x - m) * scale) over the thread's blocks.
+    // Column h of unit u is a real head of a real token.
+    auto head_valid = [&](int u, int h) {
+      const int head = kPack == 2 ? tig * 2 + (h & 1) : (u % kMT) * 16 + (h >> 1) * 8 + tig * 2 + (h & 1);
+      return head < group_size && n_causal[C::token_of(u, h >> 1)] > 0;
+    };
+    // The normalisers with a running max per head (log2 units), combined over
+    // the 8 groups: the fallback of pass 1 for bounds that underflow.
+    auto normalise_exact = [&](float (&m)[kUnits][4], float (&l)[kUnits][4]) {
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+        for (int h = 0; h < 4; ++h) m[u][h] = -INFINITY, l[u][h] = 0.f;
+      stream_chunks<kD, kWarps * 32>(n_chunks, p.n_blocks, false, hi, lo, buffers, [&](int c, uint32_t hi_tile, uint32_t) {
+        for (int step = 0; step < kChunk / 16; ++step) {
+          const int j0 = c * kChunk + step * 16;
+          if (j0 >= n_blocks_cta) break;
+          float acc[kUnits][2][4];
+          block_logits<kD, kUnits, false>(acc, qb, hi_tile + step * 16 * kD * 2, 0, lane);
+#pragma unroll
+          for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+              const int nc = n_causal[C::token_of(u, h >> 1)];
+              const float x0 = j0 + group < nc ? acc[u][h >> 1][h & 1] * scale : -INFINITY;
+              const float x1 = j0 + group + 8 < nc ? acc[u][h >> 1][2 + (h & 1)] * scale : -INFINITY;
+              const float mx = fmaxf(m[u][h], fmaxf(x0, x1));
+              if (mx == -INFINITY) continue;
+              l[u][h] = l[u][h] * exp2f(m[u][h] - mx) + exp2f(x0 - mx) + exp2f(x1 - mx);
+              m[u][h] = mx;
+            }
+        }
+      });
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+        for (int h = 0; h < 4; ++h)
+#pragma unroll
+          for (int off = 4; off < 32; off <<= 1) {
+            const float mo = __shfl_xor_sync(kFull, m[u][h], off), lo2 = __shfl_xor_sync(kFull, l[u][h], off);
+            const float mn = fmaxf(m[u][h], mo);
+            const float a = m[u][h] == -INFINITY ? 0.f : l[u][h] * exp2f(m[u][h] - mn);
+            const float c2 = mo == -INFINITY ? 0.f : lo2 * exp2f(mo - mn);
+            m[u][h] = mn;
+            l[u][h] = a + c2;
+          }
+    };
+
+    // Pass 1: per head (this thread's 4 heads per unit) a reference m (log2
+    // units) and the sum l of 2^(x * scale - m) over the thread's blocks.
+    // Cauchy-Schwarz gives each chunk a bound |q| * (largest key norm) * scale on
+    // its logits, so m is raised at most once per chunk and the steps run without
+    // branches. Bounds far above the largest logit could underflow l; then the
+    // CTA redoes the pass with a running max (normalise_exact).
+    float qs[kUnits][4];  // |q| * scale of each of this thread's heads
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) {
+      float qn[2];  // |q| of head `group` of each n-tile
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        float sq = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < kD / 16; ++ks)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float2 f = device::unpack_bf16(qb[u][nt][ks][e]);
+            sq = fmaf(f.x, f.x, fmaf(f.y, f.y, sq));
+          }
+        qn[nt] = device::quad_sum(sq);
+      }
+#pragma unroll
+      for (int h = 0; h < 4; ++h) qs[u][h] = sqrtf(__shfl_sync(kFull, qn[h >> 1], (tig * 2 + (h & 1)) * 4)) * scale;
+    }
     float m[kUnits][4], l[kUnits][4];
 #pragma unroll
     for (int u = 0; u < kUnits; ++u)
 #pragma unroll
-      for (int h = 0; h < 4; ++h) m[u][h] = -INFINITY, l[u][h] = 0.f;
-    stream_chunks<kD>(n_chunks, p.n_blocks, false, hi, lo, buffers, [&](int c, uint32_t hi_tile, uint32_t) {
+      for (int h = 0; h < 4; ++h) m[u][h] = 0.f, l[u][h] = 0.f;
+    stream_chunks<kD, kWarps * 32>(n_chunks, p.n_blocks, false, hi, lo, buffers, [&](int c, uint32_t hi_tile, uint32_t) {
+      const float norm = chunk_norm[c];
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          const float bound = qs[u][h] * norm;
+          if (bound > m[u][h]) {
+            l[u][h] *= exp2f(m[u][h] - bound);
+            m[u][h] = bound;
+          }
+        }
       for (int step = 0; step < kChunk / 16; ++step) {
         const int j0 = c * kChunk + step * 16;
         if (j0 >= n_blocks_cta) break;
         float acc[kUnits][2][4];
         block_logits<kD, kUnits, false>(acc, qb, hi_tile + step * 16 * kD * 2, 0, lane);
-        const bool full = j0 + 16 <= causal_min;
+        if (j0 + 16 <= causal_min) {
 #pragma unroll
-        for (int u = 0; u < kUnits; ++u) {
+          for (int u = 0; u < kUnits; ++u)
 #pragma unroll
-          for (int h = 0; h < 4; ++h) {
-            const int nc = n_causal[C::token_of(u, h >> 1)];
-            float x0 = acc[u][h >> 1][h & 1], x1 = acc[u][h >> 1][2 + (h & 1)];
-            if (!full) {
-              x0 = j0 + group < nc ? x0 : -INFINITY;
-              x1 = j0 + group + 8 < nc ? x1 : -INFINITY;
+            for (int h = 0; h < 4; ++h)
+              l[u][h] += exp2f(fmaf(acc[u][h >> 1][h & 1], scale, -m[u][h])) +
+                         exp2f(fmaf(acc[u][h >> 1][2 + (h & 1)], scale, -m[u][h]));
+        } else {
+#pragma unroll
+          for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+              const int nc = n_causal[C::token_of(u, h >> 1)];
+              const float x0 = j0 + group < nc ? acc[u][h >> 1][h & 1] : -INFINITY;
+              const float x1 = j0 + group + 8 < nc ? acc[u][h >> 1][2 + (h & 1)] : -INFINITY;
+              l[u][h] += exp2f(fmaf(x0, scale, -m[u][h])) + exp2f(fmaf(x1, scale, -m[u][h]));
             }
-            const float mx = fmaxf(x0, x1);
-            if (mx == -INFINITY) continue;
-            if (mx > m[u][h]) {
-              l[u][h] *= exp2f((m[u][h] - mx) * scale);
-              m[u][h] = mx;
-            }
-            const float ms = m[u][h] * scale;
-            l[u][h] += exp2f(fmaf(x0, scale, -ms)) + exp2f(fmaf(x1, scale, -ms));
-          }
         }
       }
     });
-    // Combine over the 8 groups (blocks), then bias = log2 of the normaliser in
-    // scaled units: p = 2^(x * scale - bias). Padded heads and tokens get +inf (p = 0).
-    float bias[kUnits][4];
+    // m is the same on the 8 groups (lanes of one tig): the sums just add.
+    bool underflow = false;
 #pragma unroll
     for (int u = 0; u < kUnits; ++u)
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
-        float mu = m[u][h], lu = l[u][h];
 #pragma unroll
-        for (int off = 4; off < 32; off <<= 1) {
-          const float mo = __shfl_xor_sync(kFull, mu, off), lo2 = __shfl_xor_sync(kFull, lu, off);
-          const float mn = fmaxf(mu, mo);
-          const float a = mu == -INFINITY ? 0.f : lu * exp2f((mu - mn) * scale);
-          const float c2 = mo == -INFINITY ? 0.f : lo2 * exp2f((mo - mn) * scale);
-          mu = mn;
-          lu = a + c2;
-        }
-        const int head = kPack == 2 ? tig * 2 + (h & 1) : (u % kMT) * 16 + (h >> 1) * 8 + tig * 2 + (h & 1);
-        const bool ok = head < group_size && n_causal[C::token_of(u, h >> 1)] > 0 && lu > 0.f;
-        bias[u][h] = ok ? mu * scale + log2f(lu) : INFINITY;
+        for (int off = 4; off < 32; off <<= 1) l[u][h] += __shfl_xor_sync(kFull, l[u][h], off);
+        underflow |= head_valid(u, h) && !(l[u][h] >= 0x1p-80f);
       }
+    if (__syncthreads_or(underflow)) normalise_exact(m, l);
+    // bias = log2 of the normaliser: p = 2^(x * scale - bias). Padded heads and
+    // tokens get +inf (p = 0).
+    float bias[kUnits][4];
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+      for (int h = 0; h < 4; ++h) bias[u][h] = head_valid(u, h) && l[u][h] > 0.f ? m[u][h] + log2f(l[u][h]) : INFINITY;
 
     // Pass 2: group sums of the probabilities -> running top-k (or the query block's row).
     TopK best[kTokens];
@@ -320,22 +302,24 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
       best[i].init(lane, n_causal[i] - 1);
       thr[i] = best[i].threshold(top_k);
     }
-    stream_chunks<kD>(n_chunks, p.n_blocks, true, hi, lo, buffers, [&](int c, uint32_t hi_tile, uint32_t lo_tile) {
+    stream_chunks<kD, kWarps * 32>(n_chunks, p.n_blocks, true, hi, lo, buffers, [&](int c, uint32_t hi_tile, uint32_t lo_tile) {
       for (int step = 0; step < kChunk / 16; ++step) {
         const int j0 = c * kChunk + step * 16;
         if (j0 >= n_blocks_cta) break;
         float acc[kUnits][2][4];
         block_logits<kD, kUnits, true>(acc, qb, hi_tile + step * 16 * kD * 2, lo_tile + step * 16 * kD * 2, lane);
-        float warp_sum[2] = {0.f, 0.f};  // query-block mode: blocks group, group + 8 over the warp's tokens
+        // Every token's block scores first (one stretch of independent exp and
+        // shuffle work), then the top-k insertions.
+        float v[kTokens][2];
 #pragma unroll
         for (int i = 0; i < kTokens; ++i) {
-          float v[2] = {0.f, 0.f};
+          v[i][0] = v[i][1] = 0.f;
           if (kPack == 2) {  // token i: n-tile i % 2 of unit i / 2
             const int u = i / 2, nt = i % 2;
 #pragma unroll
             for (int h = nt * 2; h < nt * 2 + 2; ++h) {
-              v[0] += exp2f(fmaf(acc[u][nt][h & 1], scale, -bias[u][h]));
-              v[1] += exp2f(fmaf(acc[u][nt][2 + (h & 1)], scale, -bias[u][h]));
+              v[i][0] += exp2f(fmaf(acc[u][nt][h & 1], scale, -bias[u][h]));
+              v[i][1] += exp2f(fmaf(acc[u][nt][2 + (h & 1)], scale, -bias[u][h]));
             }
           } else {
 #pragma unroll
@@ -343,33 +327,40 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
               const int u = i * kMT + ms;
 #pragma unroll
               for (int h = 0; h < 4; ++h) {
-                v[0] += exp2f(fmaf(acc[u][h >> 1][h & 1], scale, -bias[u][h]));
-                v[1] += exp2f(fmaf(acc[u][h >> 1][2 + (h & 1)], scale, -bias[u][h]));
+                v[i][0] += exp2f(fmaf(acc[u][h >> 1][h & 1], scale, -bias[u][h]));
+                v[i][1] += exp2f(fmaf(acc[u][h >> 1][2 + (h & 1)], scale, -bias[u][h]));
               }
             }
           }
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            v[r] += __shfl_xor_sync(kFull, v[r], 1);
-            v[r] += __shfl_xor_sync(kFull, v[r], 2);
-            v[r] = j0 + group + 8 * r < n_causal[i] ? v[r] : 0.f;
-            warp_sum[r] += v[r];
+            v[i][r] += __shfl_xor_sync(kFull, v[i][r], 1);
+            v[i][r] += __shfl_xor_sync(kFull, v[i][r], 2);
+            v[i][r] = j0 + group + 8 * r < n_causal[i] ? v[i][r] : 0.f;
           }
-          if (p.per_query_block) continue;
-          const int own = n_causal[i] - 1;
-          // Blocks j0 .. j0 + 7 (r = 0) then j0 + 8 .. j0 + 15, each in lane order:
-          // ascending ids keep the tie rule.
+        }
+        float warp_sum[2] = {0.f, 0.f};  // query-block mode: blocks group, group + 8 over the warp's tokens
+        if (p.per_query_block) {
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int j = j0 + group + 8 * r;
-            unsigned want = __ballot_sync(kFull, tig == 0 && j < n_causal[i] && j != own && v[r] > thr[i]);
-            while (want != 0) {
-              const int src = __ffs(want) - 1;
-              want &= want - 1;
-              const float score = __shfl_sync(kFull, v[r], src);
-              if (score > thr[i]) {
-                best[i].insert(score, j0 + (src >> 2) + 8 * r, lane, top_k > 32);
-                thr[i] = best[i].threshold(top_k);
+          for (int i = 0; i < kTokens; ++i) warp_sum[0] += v[i][0], warp_sum[1] += v[i][1];
+        } else {
+#pragma unroll
+          for (int i = 0; i < kTokens; ++i) {
+            const int own = n_causal[i] - 1;
+            // Blocks j0 .. j0 + 7 (r = 0) then j0 + 8 .. j0 + 15, each in lane order:
+            // ascending ids keep the tie rule.
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const int j = j0 + group + 8 * r;
+              unsigned want = __ballot_sync(kFull, tig == 0 && j < n_causal[i] && j != own && v[i][r] > thr[i]);
+              while (want != 0) {
+                const int src = __ffs(want) - 1;
+                want &= want - 1;
+                const float score = __shfl_sync(kFull, v[i][r], src);
+                if (score > thr[i]) {
+                  best[i].insert(score, j0 + (src >> 2) + 8 * r, lane, top_k > 32);
+                  thr[i] = best[i].threshold(top_k);
+                }
               }
             }
           }

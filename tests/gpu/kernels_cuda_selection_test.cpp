@@ -21,6 +21,10 @@ struct Case {
   int64_t b, sq, hq, hkv, d, block_size, top_k;
   int64_t q_start = 0;
   SelectionMode mode = SelectionMode::kToken;
+  // >= 0: the keys of this block get 5000 in dim 0, which q does not use, so the
+  // chunk's norm bound lies far above every logit and the kernel's normaliser
+  // pass must fall back to a running max.
+  int64_t spike = -1;
 };
 
 // Group scores [B, Sq, Hkv, Nb] in fp64: per head softmax over the causal blocks of
@@ -73,6 +77,10 @@ void check_case(const Case& c) {
   const int64_t nb = (c.q_start + c.sq + c.block_size - 1) / c.block_size;
   const at::Tensor q = at::randn({c.b, c.sq, c.hq, c.d}, gpu());
   const at::Tensor k = at::randn({c.b, nb * c.block_size, c.hkv, c.d}, gpu());
+  if (c.spike >= 0) {
+    k.narrow(1, c.spike * c.block_size, c.block_size).select(3, 0).fill_(5000.f);
+    q.select(3, 0).zero_();
+  }
   const at::Tensor pooled = pool_keys(k, c.block_size);
   SparseOptions opt;
   opt.block_size = c.block_size;
@@ -107,6 +115,8 @@ TEST(CudaSelection, ValidTopKAndAgreesWithReference) {
       {"D64 G6 q chunk at 96", 1, 900, 12, 2, 64, 16, 5, 96},
       {"query blocks of 64, partial last", 1, 1000, 32, 2, 64, 64, 4, 0, SelectionMode::kQueryBlock},
       {"query blocks of 16, D128 G4", 2, 800, 8, 2, 128, 16, 8, 128, SelectionMode::kQueryBlock},
+      {"huge key norm: exact normaliser fallback", 1, 1500, 32, 2, 64, 16, 16, 0, SelectionMode::kToken, 40},
+      {"huge key norm, D128 G8 query blocks", 1, 700, 16, 2, 128, 16, 8, 0, SelectionMode::kQueryBlock, 3},
   };
   for (const Case& c : cases) check_case(c);
 }

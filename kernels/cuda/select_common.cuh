@@ -1,0 +1,118 @@
+#pragma once
+// Shared by the two block-selection kernels (select_blocks.cu with mma.sync,
+// select_blocks_wgmma.cu with warpgroup mma): the warp's running top-k and the
+// double-buffered stream of pooled-key chunks through shared memory.
+#include <cuda_bf16.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cuda/mma.cuh"
+#include "kernels/cuda/params.cuh"
+
+namespace ssa::kernels::cuda::device {
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kChunk = kSelectChunk;  // pooled blocks per shared-memory chunk
+
+// Running top-k of one query over the warp, sorted by descending score; equal
+// scores keep the earlier (lower) block id first.
+struct TopK {
+  float s0, s1;  // scores of entries lane and lane + 32
+  int i0, i1;    // their block ids (-1: empty)
+
+  __device__ void init(int lane, int forced) {
+    s0 = lane == 0 ? INFINITY : -1.f;
+    i0 = lane == 0 ? forced : -1;
+    s1 = -1.f;
+    i1 = -1;
+  }
+  __device__ float threshold(int k) const {
+    const float v = k - 1 < 32 ? s0 : s1;
+    return __shfl_sync(kFull, v, (k - 1) & 31);
+  }
+  // Inserts after every entry with score >= s (the list shifts down by one).
+  // wide (k > 32, warp-uniform): the second list (entries 32..63) shifts too.
+  __device__ void insert(float s, int id, int lane, bool wide) {
+    float pa = __shfl_up_sync(kFull, s0, 1);
+    int ia = __shfl_up_sync(kFull, i0, 1);
+    if (lane == 0) pa = INFINITY;
+    if (wide) {
+      float pb = __shfl_up_sync(kFull, s1, 1);
+      int ib = __shfl_up_sync(kFull, i1, 1);
+      const float a31 = __shfl_sync(kFull, s0, 31);
+      const int ia31 = __shfl_sync(kFull, i0, 31);
+      if (lane == 0) {
+        pb = a31;
+        ib = ia31;
+      }
+      if (!(s1 >= s)) {
+        i1 = pb >= s ? id : ib;
+        s1 = pb >= s ? s : pb;
+      }
+    }
+    if (!(s0 >= s)) {
+      i0 = pa >= s ? id : ia;
+      s0 = pa >= s ? s : pa;
+    }
+  }
+  // The first k entries' ids in ascending order, -1 slots last.
+  __device__ void write_sorted(int32_t* out, int k, int lane) const {
+    const int key0 = lane < k && i0 >= 0 ? i0 : INT_MAX;
+    const int key1 = lane + 32 < k && i1 >= 0 ? i1 : INT_MAX;
+    int rank0 = 0, rank1 = 0;
+    for (int j = 0; j < 32 && j < k; ++j) {
+      const int kj = __shfl_sync(kFull, key0, j);
+      rank0 += kj < key0 || (kj == key0 && j < lane);
+      rank1 += kj < key1 || kj == key1;  // entry j (< 32) precedes entry lane + 32
+    }
+    for (int j = 32; j < k; ++j) {
+      const int kj = __shfl_sync(kFull, key1, j - 32);
+      rank0 += kj < key0;
+      rank1 += kj < key1 || (kj == key1 && j < lane + 32);
+    }
+    if (lane < k) out[rank0] = key0 == INT_MAX ? -1 : key0;
+    if (lane + 32 < k) out[rank1] = key1 == INT_MAX ? -1 : key1;
+  }
+};
+
+// Streams chunks [0, n_chunks) of pooled rows (hi, and lo when with_lo) through two
+// shared-memory buffers (swizzled [kChunk, kD] tiles, 1024-byte aligned for wgmma);
+// f(chunk, hi_tile, lo_tile) runs between CTA barriers. kAsyncProxy: the tiles are
+// read by wgmma, so the copies are fenced for the async proxy before the barrier.
+template <int kD, int kThreads, bool kAsyncProxy = false, typename F>
+__device__ void stream_chunks(int n_chunks, int n_rows, bool with_lo, const __nv_bfloat16* hi,
+                              const __nv_bfloat16* lo, uint32_t buffers, F&& f) {
+  constexpr int kChunkBytes = kChunk * kD * 2;
+  constexpr int kPieces = kChunk * kD / 8;  // 16-byte pieces per chunk
+  auto stage = [&](int c) {
+    const uint32_t base = buffers + (c & 1) * 2 * kChunkBytes;
+    for (int i = threadIdx.x; i < kPieces; i += kThreads) {
+      const int row = i / (kD / 8), piece = i % (kD / 8);
+      const int64_t r = static_cast<int64_t>(c) * kChunk + row;
+      const bool valid = r < n_rows;
+      const int64_t off = valid ? r * kD + piece * 8 : 0;
+      const uint32_t dst = tile_offset<kD>(row, piece);
+      cp_async_16(base + dst, hi + off, valid);
+      if (with_lo) cp_async_16(base + kChunkBytes + dst, lo + off, valid);
+    }
+    cp_async_commit();
+  };
+  stage(0);
+  for (int c = 0; c < n_chunks; ++c) {
+    if (c + 1 < n_chunks) {
+      stage(c + 1);
+    } else {
+      cp_async_commit();
+    }
+    cp_async_wait<1>();
+    if (kAsyncProxy) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+    const uint32_t base = buffers + (c & 1) * 2 * kChunkBytes;
+    f(c, base, base + kChunkBytes);
+    __syncthreads();
+  }
+}
+
+}  // namespace ssa::kernels::cuda::device
