@@ -187,7 +187,11 @@ struct SelectParams {
   float* block_scores = nullptr;  // query-block mode: [B, Hkv, n_query_blocks, Nb] fp32 scratch
   int32_t* block_ids = nullptr;
 };
+// Runs the warpgroup-mma kernel (select_blocks_wgmma.cu) where it fits (head dim
+// 64, groups of 8 or 16, per-token mode), the mma.sync kernel otherwise.
 cudaError_t launch_select(const SelectParams& p, cudaStream_t stream);
+bool select_wgmma_fits(const SelectParams& p);
+cudaError_t launch_select_wgmma(const SelectParams& p, cudaStream_t stream);
 
 // Eval statistics of the full causal attention (q row i and k row j at positions
 // i and j), per (b, head, query): the attention mass inside the selected blocks and

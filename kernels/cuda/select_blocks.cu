@@ -446,6 +446,7 @@ cudaError_t launch(const SelectParams& p, cudaStream_t stream) {
 cudaError_t launch_select(const SelectParams& p, cudaStream_t stream) {
   const int group = p.shape.group();
   if (group < 1 || group > kMaxGroup || p.shape.top_k < 1 || p.shape.top_k > kMaxTopK) return cudaErrorInvalidValue;
+  if (select_wgmma_fits(p)) return launch_select_wgmma(p, stream);
   const bool two = group > 16, packed = group <= 8;
   switch (p.shape.head_dim) {
     case 64:

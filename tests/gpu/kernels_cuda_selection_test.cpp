@@ -106,7 +106,10 @@ TEST(CudaSelection, ValidTopKAndAgreesWithReference) {
   SSA_REQUIRE_GPU();
   const std::vector<Case> cases = {
       // name, B, Sq, Hq, Hkv, D, block, top_k, q_start, mode
+      // D64 with groups of 8 or 16 in token mode runs the wgmma kernel, the rest mma.sync.
       {"paper-like D64 G16 bs16 top16", 2, 2048, 32, 2, 64, 16, 16},
+      {"D64 G16 top40 (wide list), q chunk at 640, partial tile", 1, 1000, 16, 1, 64, 16, 40, 640},
+      {"D64 G8 bs64 top4", 2, 900, 16, 2, 64, 64, 4},
       {"D128 G1 bs32 top8", 1, 1500, 8, 8, 128, 32, 8},
       {"D64 G8 bs16 top16 (two tokens per mma unit), partial tile", 2, 1000, 16, 2, 64, 16, 16},
       {"D64 G32 bs16 top64 (-1 slots)", 1, 1200, 32, 1, 64, 16, 64},
@@ -123,19 +126,22 @@ TEST(CudaSelection, ValidTopKAndAgreesWithReference) {
 
 TEST(CudaSelection, TiesGoToTheLowerBlockId) {
   SSA_REQUIRE_GPU();
-  // q = 0: every causal block scores the same; the own block plus the lowest ids win.
-  const at::Tensor q = at::zeros({1, 256, 8, 64}, gpu());
-  const at::Tensor k = at::randn({1, 256, 2, 64}, gpu());
-  SparseOptions opt;
-  opt.block_size = 16;
-  opt.top_k = 4;
-  opt.backend = Backend::kCuda;
-  const at::Tensor got = select_blocks(q, pool_keys(k, 16), opt);
-  opt.backend = Backend::kReference;
-  const at::Tensor want = select_blocks(q.to(at::kFloat), pool_keys(k, 16), opt);
-  EXPECT_TRUE(at::equal(got, want));
-  EXPECT_EQ(got[0][255][1][0].item<int>(), 0);
-  EXPECT_EQ(got[0][255][1][3].item<int>(), 15);
+  // q = 0: every causal block scores the same; the own block plus the lowest ids
+  // win. 8 heads: the mma.sync kernel; 32 heads (groups of 16): the wgmma one.
+  for (const int64_t heads : {8, 32}) {
+    const at::Tensor q = at::zeros({1, 256, heads, 64}, gpu());
+    const at::Tensor k = at::randn({1, 256, 2, 64}, gpu());
+    SparseOptions opt;
+    opt.block_size = 16;
+    opt.top_k = 4;
+    opt.backend = Backend::kCuda;
+    const at::Tensor got = select_blocks(q, pool_keys(k, 16), opt);
+    opt.backend = Backend::kReference;
+    const at::Tensor want = select_blocks(q.to(at::kFloat), pool_keys(k, 16), opt);
+    EXPECT_TRUE(at::equal(got, want)) << heads << " heads";
+    EXPECT_EQ(got[0][255][1][0].item<int>(), 0) << heads << " heads";
+    EXPECT_EQ(got[0][255][1][3].item<int>(), 15) << heads << " heads";
+  }
 }
 
 // The one-kernel block means against the ATen formula, for each dtype the model

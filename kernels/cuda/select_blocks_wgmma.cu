@@ -1,0 +1,319 @@
+// Block selection with warpgroup mma (sm_90a) for head dim 64 and GQA groups of
+// 8 or 16, per-token mode: the same result as select_blocks.cu (see there for the
+// two passes and the pooled keys' hi + lo parts), with the roles turned around.
+// Here a warp owns whole tokens: its 16 A rows are the query heads of one token
+// (group 16) or of two (group 8), held in registers for the whole stream, and
+// one m64n64k16 product per k-step gives every warp of the warpgroup the logits
+// of its rows against all 64 pooled blocks of a chunk (B, the chunk in shared
+// memory). So a token's block scores, normalisers and running top-k stay inside
+// one warp: a block's sum over the token's heads is a sum over the 8 row groups,
+// done as a halving exchange that leaves lane l with blocks 2l and 2l + 1.
+#include <cuda_bf16.h>
+
+#include <climits>
+#include <cmath>
+
+#include "kernels/cuda/mma.cuh"
+#include "kernels/cuda/params.cuh"
+#include "kernels/cuda/select_common.cuh"
+#include "kernels/cuda/wgmma.cuh"
+
+namespace ssa::kernels::cuda {
+namespace {
+
+using device::kChunk;
+using device::kFull;
+using device::stream_chunks;
+using device::TopK;
+
+constexpr int kD = 64;
+constexpr int kWarps = 8;  // two warpgroups
+constexpr int kUnits = 2;  // A tiles (16 rows) per warp
+constexpr int kChunkBytes = kChunk * kD * 2;
+constexpr int kSmem = 2 * 2 * kChunkBytes + 1024;  // two (hi, lo) buffers, 1024-byte alignment slack
+static_assert(kChunk == 64, "one m64n64 product covers a chunk");
+
+// Sums v[c] (c = 2 * j + e: column 8 j + tig * 2 + e of this lane's row group) over
+// the 8 row groups of the warp. Lane (group, tig) ends with columns 2 * lane + i
+// in x[i].
+__device__ __forceinline__ void sum_over_groups(const float (&v)[16], float (&x)[2], int group) {
+  float w8[8], w4[4];
+  const bool b2 = group & 4, b1 = group & 2, b0 = group & 1;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) w8[i] = (b2 ? v[i + 8] : v[i]) + __shfl_xor_sync(kFull, b2 ? v[i] : v[i + 8], 16);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) w4[i] = (b1 ? w8[i + 4] : w8[i]) + __shfl_xor_sync(kFull, b1 ? w8[i] : w8[i + 4], 8);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) x[i] = (b0 ? w4[i + 2] : w4[i]) + __shfl_xor_sync(kFull, b0 ? w4[i] : w4[i + 2], 4);
+}
+
+// kG: heads per kv head (8 or 16). Row r of a thread (0: group, 1: group + 8) is
+// head group + 8 r of token 0 of the unit (kG = 16), or head group of token r (kG = 8).
+template <int kG>
+__global__ void __launch_bounds__(kWarps * 32, 2) select_wgmma_kernel(const SelectParams p) {
+  constexpr int kRowTokens = 16 / kG;             // tokens per unit
+  constexpr int kTokens = kUnits * kRowTokens;    // tokens per warp
+  extern __shared__ unsigned char smem[];
+  const uint32_t buffers = (device::smem_address(smem) + 1023u) & ~1023u;
+  const Shape& s = p.shape;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int group = lane >> 2, tig = lane & 3;
+  const int bs = s.block_size, top_k = s.top_k;
+  const float scale = device::kLog2e / 8.f;  // 1 / sqrt(64) in log2 units
+
+  // CTA -> (b, kv head, token tile), the latest (heaviest) tiles first.
+  const int tile_tokens = kWarps * kTokens;
+  const int n_tiles = (s.sq + tile_tokens - 1) / tile_tokens;
+  int64_t cta = blockIdx.x;
+  const int tile = n_tiles - 1 - static_cast<int>(cta % n_tiles);
+  cta /= n_tiles;
+  const int kvh = static_cast<int>(cta % s.hkv);
+  const int b = static_cast<int>(cta / s.hkv);
+  const int t_begin = tile * tile_tokens;
+  const int t_end = min(s.sq, t_begin + tile_tokens);
+  const int n_blocks_cta = min(p.n_blocks, static_cast<int>((s.q_start + t_end - 1) / bs) + 1);
+  const int n_chunks = (n_blocks_cta + kChunk - 1) / kChunk;
+  const int64_t bh = static_cast<int64_t>(b) * s.hkv + kvh;
+  const __nv_bfloat16* hi = p.pooled_hi + bh * p.n_blocks * kD;
+  const __nv_bfloat16* lo = p.pooled_lo + bh * p.n_blocks * kD;
+  const float* chunk_norm = p.chunk_norm + bh * ((p.n_blocks + kChunk - 1) / kChunk);
+
+  int token[kTokens], n_causal[kTokens];
+#pragma unroll
+  for (int i = 0; i < kTokens; ++i) {
+    token[i] = t_begin + warp * kTokens + i;
+    n_causal[i] = token[i] < t_end ? static_cast<int>((s.q_start + token[i]) / bs) + 1 : 0;
+  }
+  auto token_of = [](int u, int r) { return u * kRowTokens + (kRowTokens == 2 ? r : 0); };
+
+  // A fragments (q rows), and |q| * scale of each of this thread's two rows.
+  uint32_t qa[kUnits][kD / 16][4];
+  float qs[kUnits][2];
+#pragma unroll
+  for (int u = 0; u < kUnits; ++u) {
+    const uint32_t* rows[2];
+    bool ok[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = token_of(u, r);
+      ok[r] = n_causal[i] > 0;
+      const int head = kvh * kG + (kG == 16 ? group + 8 * r : group);
+      const int64_t row = (static_cast<int64_t>(b) * s.sq + (ok[r] ? token[i] : 0)) * s.hq + head;
+      rows[r] = reinterpret_cast<const uint32_t*>(p.q + row * kD + tig * 2);
+    }
+    float sq[2] = {0.f, 0.f};
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const uint32_t x = ok[r] ? __ldg(rows[r] + ks * 8 + half * 4) : 0u;
+          qa[u][ks][half * 2 + r] = x;
+          const float2 f = device::unpack_bf16(x);
+          sq[r] = fmaf(f.x, f.x, fmaf(f.y, f.y, sq[r]));
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) qs[u][r] = sqrtf(device::quad_sum(sq[r])) * scale;
+  }
+
+  // Logits of unit u against a chunk: acc = Q K^T over the hi part (and the lo part).
+  float acc[32];
+  auto logits = [&](int u, uint32_t hi_tile, uint32_t lo_tile, bool with_lo) {
+    const uint64_t dh = device::sw128_kmajor_desc(hi_tile);
+    device::fence_registers(acc);
+    device::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) device::wgmma_m64n64k16(acc, qa[u][ks], dh + 2 * ks, ks > 0);
+    if (with_lo) {
+      const uint64_t dl = device::sw128_kmajor_desc(lo_tile);
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) device::wgmma_m64n64k16(acc, qa[u][ks], dl + 2 * ks, true);
+    }
+    device::wgmma_commit();
+    device::wgmma_wait<0>();
+    device::fence_registers(acc);
+  };
+  // Column of accumulator entry i, and its row (0: group, 1: group + 8).
+  auto col_of = [&](int i) { return 8 * (i >> 2) + tig * 2 + (i & 1); };
+  auto row_of = [](int i) { return (i >> 1) & 1; };
+
+  // Pass 1: per row (head) a reference m (log2 units) and l = sum of 2^(x * scale - m)
+  // over its causal blocks. bounded: m follows the chunks' norm bounds |q| * norm *
+  // scale (select_blocks.cu); otherwise m is the exact max, set beforehand.
+  float m[kUnits][2], l[kUnits][2];
+  auto normalise = [&](bool bounded) {
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (bounded) m[u][r] = 0.f;
+        l[u][r] = 0.f;
+      }
+    stream_chunks<kD, kWarps * 32, true>(n_chunks, p.n_blocks, false, hi, lo, buffers,
+                                         [&](int c, uint32_t hi_tile, uint32_t) {
+      if (bounded) {
+        const float norm = chunk_norm[c];
+#pragma unroll
+        for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float bound = qs[u][r] * norm;
+            if (bound > m[u][r]) {
+              l[u][r] *= exp2f(m[u][r] - bound);
+              m[u][r] = bound;
+            }
+          }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u) {
+        logits(u, hi_tile, 0, false);
+        const int j0 = c * kChunk;
+        if (j0 + kChunk <= min(n_causal[token_of(u, 0)], n_causal[token_of(u, 1)])) {
+#pragma unroll
+          for (int i = 0; i < 32; ++i) l[u][row_of(i)] += exp2f(fmaf(acc[i], scale, -m[u][row_of(i)]));
+        } else {
+#pragma unroll
+          for (int i = 0; i < 32; ++i) {
+            const int r = row_of(i);
+            const float x = j0 + col_of(i) < n_causal[token_of(u, r)] ? acc[i] : -INFINITY;
+            l[u][r] += exp2f(fmaf(x, scale, -m[u][r]));
+          }
+        }
+      }
+    });
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) l[u][r] = device::quad_sum(l[u][r]);
+  };
+  // The exact max of each row's causal logits (log2 units), for the fallback.
+  auto row_max = [&]() {
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) m[u][0] = m[u][1] = -INFINITY;
+    stream_chunks<kD, kWarps * 32, true>(n_chunks, p.n_blocks, false, hi, lo, buffers,
+                                         [&](int c, uint32_t hi_tile, uint32_t) {
+#pragma unroll
+      for (int u = 0; u < kUnits; ++u) {
+        logits(u, hi_tile, 0, false);
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+          const int r = row_of(i);
+          if (c * kChunk + col_of(i) < n_causal[token_of(u, r)]) m[u][r] = fmaxf(m[u][r], acc[i] * scale);
+        }
+      }
+    });
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float mx = device::quad_max(m[u][r]);
+        m[u][r] = mx == -INFINITY ? 0.f : mx;
+      }
+  };
+
+  normalise(true);
+  bool underflow = false;
+#pragma unroll
+  for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) underflow |= n_causal[token_of(u, r)] > 0 && !(l[u][r] >= 0x1p-80f);
+  if (__syncthreads_or(underflow)) {
+    row_max();
+    normalise(false);
+  }
+  float bias[kUnits][2];  // p = 2^(x * scale - bias); +inf for rows of no token
+#pragma unroll
+  for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      bias[u][r] = n_causal[token_of(u, r)] > 0 && l[u][r] > 0.f ? m[u][r] + log2f(l[u][r]) : INFINITY;
+
+  // Pass 2: group sums of the probabilities -> running top-k per token.
+  TopK best[kTokens];
+  float thr[kTokens];
+#pragma unroll
+  for (int i = 0; i < kTokens; ++i) {
+    best[i].init(lane, n_causal[i] - 1);
+    thr[i] = best[i].threshold(top_k);
+  }
+  stream_chunks<kD, kWarps * 32, true>(n_chunks, p.n_blocks, true, hi, lo, buffers,
+                                       [&](int c, uint32_t hi_tile, uint32_t lo_tile) {
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) {
+      logits(u, hi_tile, lo_tile, true);
+#pragma unroll
+      for (int t = 0; t < kRowTokens; ++t) {
+        float v[16];
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            if (kRowTokens == 1) {
+              v[2 * j + e] = exp2f(fmaf(acc[4 * j + e], scale, -bias[u][0])) +
+                             exp2f(fmaf(acc[4 * j + 2 + e], scale, -bias[u][1]));
+            } else {
+              v[2 * j + e] = exp2f(fmaf(acc[4 * j + 2 * t + e], scale, -bias[u][t]));
+            }
+          }
+        float x[2];
+        sum_over_groups(v, x, group);
+        const int i = u * kRowTokens + t;
+        const int own = n_causal[i] - 1;
+        // Blocks c * 64 + 2 * lane + e, taken in ascending order (the tie rule).
+        unsigned want[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = c * kChunk + 2 * lane + e;
+          want[e] = __ballot_sync(kFull, j < n_causal[i] && j != own && x[e] > thr[i]);
+        }
+        unsigned lanes = want[0] | want[1];
+        while (lanes != 0) {
+          const int src = __ffs(lanes) - 1;
+          lanes &= lanes - 1;
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float score = __shfl_sync(kFull, x[e], src);
+            if ((want[e] >> src & 1u) && score > thr[i]) {
+              best[i].insert(score, c * kChunk + 2 * src + e, lane, top_k > 32);
+              thr[i] = best[i].threshold(top_k);
+            }
+          }
+        }
+      }
+    }
+  });
+#pragma unroll
+  for (int i = 0; i < kTokens; ++i) {
+    if (n_causal[i] == 0) continue;
+    int32_t* out = p.block_ids + ((static_cast<int64_t>(b) * s.sq + token[i]) * s.hkv + kvh) * top_k;
+    best[i].write_sorted(out, top_k, lane);
+  }
+}
+
+template <int kG>
+cudaError_t launch(const SelectParams& p, cudaStream_t stream) {
+  const Shape& s = p.shape;
+  const int tile_tokens = kWarps * kUnits * (16 / kG);
+  const int64_t ctas = static_cast<int64_t>(s.batch) * s.hkv * ((s.sq + tile_tokens - 1) / tile_tokens);
+  if (ctas == 0) return cudaSuccess;
+  cudaError_t err = cudaFuncSetAttribute(select_wgmma_kernel<kG>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err != cudaSuccess) return err;
+  select_wgmma_kernel<kG><<<static_cast<unsigned>(ctas), kWarps * 32, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool select_wgmma_fits(const SelectParams& p) {
+  const int group = p.shape.group();
+  return p.shape.head_dim == kD && (group == 8 || group == 16) && !p.per_query_block;
+}
+
+cudaError_t launch_select_wgmma(const SelectParams& p, cudaStream_t stream) {
+  if (!select_wgmma_fits(p)) return cudaErrorInvalidValue;
+  return p.shape.group() == 16 ? launch<16>(p, stream) : launch<8>(p, stream);
+}
+
+}  // namespace ssa::kernels::cuda
