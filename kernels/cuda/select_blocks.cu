@@ -45,9 +45,8 @@ struct SelectConfig {
   static constexpr int kTokens = kUnits * kPack / kMT;          // tokens per warp per round
   // Token slot of unit u's n-tile nt.
   static __device__ __forceinline__ int token_of(int u, int nt) { return kPack == 2 ? u * 2 + nt : u / kMT; }
-  static constexpr int kChunkBytes = kChunk * kD * 2;
-  // Two buffers of (hi, lo) chunks, then the per-warp column sums of a chunk.
-  static constexpr int kSmem = 2 * 2 * kChunkBytes + kWarps * kChunk * 4;
+  // The chunk stream's buffers, then the per-warp column sums of a chunk.
+  static constexpr int kSmem = device::chunk_stream_bytes<kD>() + kWarps * kChunk * 4;
 };
 
 // B fragments of Q^T for one unit of 16 columns, n-tile nt holding heads
@@ -102,7 +101,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
   using C = SelectConfig<kD, kMT, kPack>;
   constexpr int kUnits = C::kUnits, kTokens = C::kTokens;
   extern __shared__ __align__(128) unsigned char smem[];
-  float* colsum = reinterpret_cast<float*>(smem + 4 * C::kChunkBytes);  // [kWarps][kChunk]
+  float* colsum = reinterpret_cast<float*>(smem + device::chunk_stream_bytes<kD>());  // [kWarps][kChunk]
   const Shape& s = p.shape;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int group = lane >> 2, tig = lane & 3;

@@ -29,8 +29,7 @@ using device::TopK;
 constexpr int kD = 64;
 constexpr int kWarps = 8;  // two warpgroups
 constexpr int kUnits = 2;  // A tiles (16 rows) per warp
-constexpr int kChunkBytes = kChunk * kD * 2;
-constexpr int kSmem = 2 * 2 * kChunkBytes + 1024;  // two (hi, lo) buffers, 1024-byte alignment slack
+constexpr int kSmem = device::chunk_stream_bytes<kD>() + 1024;  // with 1024-byte alignment slack
 static_assert(kChunk == 64, "one m64n64 product covers a chunk");
 
 // Sums v[c] (c = 2 * j + e: column 8 j + tig * 2 + e of this lane's row group) over

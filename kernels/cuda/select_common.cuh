@@ -77,42 +77,52 @@ struct TopK {
   }
 };
 
-// Streams chunks [0, n_chunks) of pooled rows (hi, and lo when with_lo) through two
-// shared-memory buffers (swizzled [kChunk, kD] tiles, 1024-byte aligned for wgmma);
-// f(chunk, hi_tile, lo_tile) runs between CTA barriers. kAsyncProxy: the tiles are
-// read by wgmma, so the copies are fenced for the async proxy before the barrier.
+// Shared-memory buffers of the chunk stream, and their bytes (each: hi then lo tile).
+constexpr int kChunkBuffers = 3;
+template <int kD>
+__host__ __device__ constexpr int chunk_stream_bytes() {
+  return kChunkBuffers * 2 * kChunk * kD * 2;
+}
+
+// Streams chunks [0, n_chunks) of pooled rows (hi, and lo when with_lo) through
+// kChunkBuffers shared-memory buffers (swizzled [kChunk, kD] tiles; 1024-byte
+// aligned when `buffers` is, as wgmma needs); f(chunk, hi_tile, lo_tile) runs after
+// a CTA barrier. One barrier per chunk: chunk c + 2 is staged right after the
+// barrier of chunk c, into the buffer every thread finished with before it. Ends
+// with a barrier, so the buffers can be refilled. kAsyncProxy: the tiles are read
+// by wgmma, so each thread fences its copies for the async proxy before the barrier.
 template <int kD, int kThreads, bool kAsyncProxy = false, typename F>
 __device__ void stream_chunks(int n_chunks, int n_rows, bool with_lo, const __nv_bfloat16* hi,
                               const __nv_bfloat16* lo, uint32_t buffers, F&& f) {
   constexpr int kChunkBytes = kChunk * kD * 2;
   constexpr int kPieces = kChunk * kD / 8;  // 16-byte pieces per chunk
-  auto stage = [&](int c) {
-    const uint32_t base = buffers + (c & 1) * 2 * kChunkBytes;
-    for (int i = threadIdx.x; i < kPieces; i += kThreads) {
-      const int row = i / (kD / 8), piece = i % (kD / 8);
-      const int64_t r = static_cast<int64_t>(c) * kChunk + row;
-      const bool valid = r < n_rows;
-      const int64_t off = valid ? r * kD + piece * 8 : 0;
-      const uint32_t dst = tile_offset<kD>(row, piece);
-      cp_async_16(base + dst, hi + off, valid);
-      if (with_lo) cp_async_16(base + kChunkBytes + dst, lo + off, valid);
+  auto stage = [&](int c) {  // always commits one group (empty past the end)
+    if (c < n_chunks) {
+      const uint32_t base = buffers + (c % kChunkBuffers) * 2 * kChunkBytes;
+      for (int i = threadIdx.x; i < kPieces; i += kThreads) {
+        const int row = i / (kD / 8), piece = i % (kD / 8);
+        const int64_t r = static_cast<int64_t>(c) * kChunk + row;
+        const bool valid = r < n_rows;
+        const int64_t off = valid ? r * kD + piece * 8 : 0;
+        const uint32_t dst = tile_offset<kD>(row, piece);
+        cp_async_16(base + dst, hi + off, valid);
+        if (with_lo) cp_async_16(base + kChunkBytes + dst, lo + off, valid);
+      }
     }
     cp_async_commit();
   };
+  static_assert(kChunkBuffers == 3, "two chunks are in flight while one is read");
   stage(0);
+  stage(1);
   for (int c = 0; c < n_chunks; ++c) {
-    if (c + 1 < n_chunks) {
-      stage(c + 1);
-    } else {
-      cp_async_commit();
-    }
-    cp_async_wait<1>();
+    cp_async_wait<1>();  // chunk c has landed (only c + 1 may be pending)
     if (kAsyncProxy) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
-    const uint32_t base = buffers + (c & 1) * 2 * kChunkBytes;
+    stage(c + 2);
+    const uint32_t base = buffers + (c % kChunkBuffers) * 2 * kChunkBytes;
     f(c, base, base + kChunkBytes);
-    __syncthreads();
   }
+  __syncthreads();
 }
 
 }  // namespace ssa::kernels::cuda::device
