@@ -69,23 +69,49 @@ struct TileWalker {
   }
 };
 
+// This lane's share of copying a [16, kD] tile of rows into the swizzled layout
+// (cp.async): 16-byte chunk lane % (kD / 8) of rows lane / (kD / 8) + i * kRowStep.
+// The tile-side offsets are fixed per lane, so a copy costs one address per row.
+template <int kD>
+struct RowCopier {
+  static constexpr int kChunks = kD / 8;  // 16-byte chunks per row
+  static constexpr int kRowStep = 32 / kChunks;
+  static constexpr int kPerLane = kKeyTile / kRowStep;
+  int row0, col;             // first row, element offset of the chunk
+  uint32_t dst[kPerLane];    // byte offsets in the tile
+
+  __device__ explicit RowCopier(int lane) : row0(lane / kChunks), col((lane % kChunks) * 8) {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) dst[i] = tile_offset<kD>(row0 + i * kRowStep, lane % kChunks);
+  }
+
+  // Rows [start, start + 16) of one head of k-like memory (head_base: the row at
+  // position k_lo; rows row_stride elements apart). Rows outside [k_lo, k_hi) are
+  // zero-filled. One cp.async group per call site.
+  __device__ __forceinline__ void copy(uint32_t tile, const __nv_bfloat16* head_base, int64_t row_stride,
+                                       int64_t start, int64_t k_lo, int64_t k_hi) const {
+    const __nv_bfloat16* src = head_base + (start - k_lo + row0) * row_stride + col;
+    const int64_t step = kRowStep * row_stride;
+    if (start >= k_lo && start + kKeyTile <= k_hi) {  // the usual case: every row is there
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) cp_async_16(tile + dst[i], src + i * step, true);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const int64_t pos = start + row0 + i * kRowStep;
+        const bool valid = pos >= k_lo && pos < k_hi;
+        cp_async_16(tile + dst[i], valid ? src + i * step : head_base, valid);
+      }
+    }
+  }
+};
+
 // Copies rows [start, start + 16) of one head of k-like memory into a swizzled
-// [16, kD] tile (cp.async, one group per call site). Rows outside [k_lo, k_hi)
-// are zero-filled. head_base points at row k_start of the head; rows are
-// row_stride elements apart.
+// [16, kD] tile (see RowCopier::copy).
 template <int kD>
 __device__ __forceinline__ void stage_rows(uint32_t tile, const __nv_bfloat16* head_base, int64_t row_stride,
                                            int64_t start, int64_t k_lo, int64_t k_hi, int lane) {
-  constexpr int kChunks = kD / 8;  // 16-byte chunks per row
-#pragma unroll
-  for (int i = 0; i < kKeyTile * kChunks / 32; ++i) {
-    const int c = lane + 32 * i;
-    const int row = c / kChunks, chunk = c % kChunks;
-    const int64_t pos = start + row;
-    const bool valid = pos >= k_lo && pos < k_hi;
-    const __nv_bfloat16* src = valid ? head_base + (pos - k_lo) * row_stride + chunk * 8 : head_base;
-    cp_async_16(tile + tile_offset<kD>(row, chunk), src, valid);
-  }
+  RowCopier<kD>(lane).copy(tile, head_base, row_stride, start, k_lo, k_hi);
 }
 
 // Copies 16 consecutive rows of kD elements (row r at rows + r * kD, the G heads
@@ -162,6 +188,7 @@ struct SelectedKvPipeline {
   int64_t row_stride, k_lo, k_hi;
   TileWalker loader;  // runs kStages - 1 tiles ahead of walker
   TileWalker walker;
+  RowCopier<kD> rows;
   uint32_t stage0;    // this warp's first stage
   int lane;
   KeyTile next_tile;
@@ -173,7 +200,7 @@ struct SelectedKvPipeline {
       : row_stride(static_cast<int64_t>(s.hkv) * kD), k_lo(s.k_start), k_hi(s.k_start + s.sk),
         loader{block_ids + ((static_cast<int64_t>(b) * s.sq + t) * s.hkv + kvh) * s.top_k, s.top_k, s.block_size,
                s.k_start, s.k_start + s.sk, qpos},
-        walker(loader), stage0(warp_smem), lane(lane_) {
+        walker(loader), rows(lane_), stage0(warp_smem), lane(lane_) {
     const int64_t head_offset = static_cast<int64_t>(b) * s.sk * row_stride + static_cast<int64_t>(kvh) * kD;
     k_head = k + head_offset;
     v_head = v + head_offset;
@@ -186,8 +213,8 @@ struct SelectedKvPipeline {
 
   __device__ void stage(int slot, const KeyTile& tile) {
     const uint32_t base = stage0 + slot * kStageBytes;
-    stage_rows<kD>(base, k_head, row_stride, tile.start, k_lo, k_hi, lane);
-    stage_rows<kD>(base + kTileBytes, v_head, row_stride, tile.start, k_lo, k_hi, lane);
+    rows.copy(base, k_head, row_stride, tile.start, k_lo, k_hi);
+    rows.copy(base + kTileBytes, v_head, row_stride, tile.start, k_lo, k_hi);
   }
 
   // The it-th selected tile (it counts from 0): waits until its stage has
