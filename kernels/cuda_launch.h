@@ -57,6 +57,12 @@ inline Shape make_shape(const char* fn, const at::Tensor& q, const at::Tensor& k
     throw std::runtime_error(fmt::format("kernels::cuda::{}: {} query heads per kv head; the kernels take at most {}",
                                          fn, s.group(), kMaxGroup));
   }
+  if (q_start < 0 || k_start < 0 || q_start + s.sq > std::numeric_limits<int>::max() ||
+      k_start + s.sk > std::numeric_limits<int>::max()) {
+    throw std::runtime_error(fmt::format(
+        "kernels::cuda::{}: positions q [{}, {}) and k [{}, {}) must lie in [0, 2^31) for the CUDA kernels", fn,
+        q_start, q_start + s.sq, k_start, k_start + s.sk));
+  }
   if (block_size % kKeyTile != 0) {
     throw std::runtime_error(fmt::format(
         "kernels::cuda::{}: block_size {} must be a multiple of {} for the CUDA kernels", fn, block_size, kKeyTile));

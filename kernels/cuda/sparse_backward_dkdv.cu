@@ -95,8 +95,9 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 3 : 1) backward_dkdv_k
   const int64_t k_lo = s.k_start, k_hi = s.k_start + s.sk;
   const int64_t row_stride = static_cast<int64_t>(s.hkv) * kD;
   const int64_t head_offset = static_cast<int64_t>(it.b) * s.sk * row_stride + static_cast<int64_t>(it.kvh) * kD;
-  device::stage_rows<kD>(k_tile, p.k + head_offset, row_stride, it.tile_start, k_lo, k_hi, lane);
-  device::stage_rows<kD>(v_tile, p.v + head_offset, row_stride, it.tile_start, k_lo, k_hi, lane);
+  const device::RowCopier<kD> copier(lane);
+  copier.copy(k_tile, p.k + head_offset, row_stride, it.tile_start, k_lo, k_hi);
+  copier.copy(v_tile, p.v + head_offset, row_stride, it.tile_start, k_lo, k_hi);
   device::cp_async_commit();
 
   const int key_lo = it.lo > it.tile_start ? static_cast<int>(it.lo - it.tile_start) : 0;
@@ -110,8 +111,8 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 3 : 1) backward_dkdv_k
     const int rows_valid = min(16, group_size - mt * 16);
     const int64_t row0 = (static_cast<int64_t>(it.b) * s.sq + t) * s.hq + head0;
     const uint32_t base = stage0 + slot * stage_bytes<kD>();
-    device::stage_head_rows<kD>(base, p.q + row0 * kD, rows_valid, lane);
-    device::stage_head_rows<kD>(base + tile_bytes<kD>(), p.dout + row0 * kD, rows_valid, lane);
+    device::stage_head_rows<kD>(copier, base, p.q + row0 * kD, rows_valid);
+    device::stage_head_rows<kD>(copier, base + tile_bytes<kD>(), p.dout + row0 * kD, rows_valid);
     const int r = lane & 15;
     const bool valid = r < rows_valid;
     const float* src = lane < 16 ? p.lse_log2 : p.delta;

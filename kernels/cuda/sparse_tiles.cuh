@@ -13,10 +13,11 @@ namespace ssa::kernels::cuda::device {
 
 // One tile of kKeyTile consecutive key positions [start, start + 16); the keys in
 // [lo, hi) belong to the selected block and to this k chunk, the others are masked.
+// Positions are int: make_shape checks that they fit.
 struct KeyTile {
-  int64_t start = 0;
-  int64_t lo = 0;
-  int64_t hi = 0;
+  int start = 0;
+  int lo = 0;
+  int hi = 0;
 };
 
 // Columns [lo, hi) of a tile (relative to its start) that a query at qpos sees.
@@ -25,11 +26,11 @@ struct TileColumns {
   int lo, hi;
   bool full;
 };
-__device__ __forceinline__ TileColumns visible_columns(const KeyTile& t, int64_t qpos) {
-  const int64_t end = t.hi < qpos + 1 ? t.hi : qpos + 1;
+__device__ __forceinline__ TileColumns visible_columns(const KeyTile& t, int qpos) {
+  const int end = min(t.hi, qpos + 1);
   TileColumns c;
-  c.lo = t.lo > t.start ? static_cast<int>(t.lo - t.start) : 0;
-  c.hi = end - t.start < kKeyTile ? static_cast<int>(end - t.start) : kKeyTile;
+  c.lo = max(t.lo - t.start, 0);
+  c.hi = min(end - t.start, kKeyTile);
   c.full = c.lo == 0 && c.hi == kKeyTile;
   return c;
 }
@@ -41,27 +42,26 @@ struct TileWalker {
   const int32_t* ids;  // [top_k] block ids of this (token, kv head)
   int top_k;
   int block_size;
-  int64_t k_lo, k_hi;  // positions held by k/v
-  int64_t q_max;       // causal limit: last position any row may see
+  int k_lo, k_hi;  // positions held by k/v
+  int q_max;       // causal limit: last position any row may see
   int slot = -1;
   int sub = 0, sub_end = 0;
-  int64_t block_start = 0, block_lo = 0, block_hi = 0;
+  int block_start = 0, block_lo = 0, block_hi = 0;
 
   __device__ bool next(KeyTile& tile) {
     while (sub >= sub_end) {
       if (++slot >= top_k) return false;
       const int id = ids[slot];
       if (id < 0) continue;
-      block_start = static_cast<int64_t>(id) * block_size;
-      block_lo = block_start > k_lo ? block_start : k_lo;
-      const int64_t end = block_start + block_size;
-      block_hi = end < k_hi ? end : k_hi;
-      const int64_t visible_hi = block_hi < q_max + 1 ? block_hi : q_max + 1;
+      block_start = id * block_size;
+      block_lo = max(block_start, k_lo);
+      block_hi = min(block_start + block_size, k_hi);
+      const int visible_hi = min(block_hi, q_max + 1);
       if (block_lo >= visible_hi) continue;
-      sub = static_cast<int>((block_lo - block_start) / kKeyTile);
-      sub_end = static_cast<int>((visible_hi - block_start + kKeyTile - 1) / kKeyTile);
+      sub = (block_lo - block_start) / kKeyTile;
+      sub_end = (visible_hi - block_start + kKeyTile - 1) / kKeyTile;
     }
-    tile.start = block_start + static_cast<int64_t>(sub) * kKeyTile;
+    tile.start = block_start + sub * kKeyTile;
     tile.lo = block_lo;
     tile.hi = block_hi;
     ++sub;
@@ -106,26 +106,12 @@ struct RowCopier {
   }
 };
 
-// Copies rows [start, start + 16) of one head of k-like memory into a swizzled
-// [16, kD] tile (see RowCopier::copy).
-template <int kD>
-__device__ __forceinline__ void stage_rows(uint32_t tile, const __nv_bfloat16* head_base, int64_t row_stride,
-                                           int64_t start, int64_t k_lo, int64_t k_hi, int lane) {
-  RowCopier<kD>(lane).copy(tile, head_base, row_stride, start, k_lo, k_hi);
-}
-
 // Copies 16 consecutive rows of kD elements (row r at rows + r * kD, the G heads
 // of one token) into a swizzled [16, kD] tile; rows >= rows_valid are zero-filled.
 template <int kD>
-__device__ __forceinline__ void stage_head_rows(uint32_t tile, const __nv_bfloat16* rows, int rows_valid, int lane) {
-  constexpr int kChunks = kD / 8;
-#pragma unroll
-  for (int i = 0; i < 16 * kChunks / 32; ++i) {
-    const int c = lane + 32 * i;
-    const int row = c / kChunks, chunk = c % kChunks;
-    const bool valid = row < rows_valid;
-    cp_async_16(tile + tile_offset<kD>(row, chunk), valid ? rows + row * kD + chunk * 8 : rows, valid);
-  }
+__device__ __forceinline__ void stage_head_rows(const RowCopier<kD>& copier, uint32_t tile,
+                                                const __nv_bfloat16* rows, int rows_valid) {
+  copier.copy(tile, rows, kD, 0, 0, rows_valid);
 }
 
 // A fragments of 16 rows (row r at rows + r * kD, rows >= rows_valid are zero)
@@ -185,7 +171,8 @@ struct SelectedKvPipeline {
 
   const __nv_bfloat16* k_head;
   const __nv_bfloat16* v_head;
-  int64_t row_stride, k_lo, k_hi;
+  int64_t row_stride;
+  int k_lo, k_hi;
   TileWalker loader;  // runs kStages - 1 tiles ahead of walker
   TileWalker walker;
   RowCopier<kD> rows;
@@ -196,10 +183,11 @@ struct SelectedKvPipeline {
   // k/v: [B, Sk, Hkv, kD]; block_ids: [B, Sq, Hkv, top_k]; warp_smem: this warp's
   // kStages * kStageBytes of shared memory. Issues the first kStages - 1 tiles.
   __device__ SelectedKvPipeline(const __nv_bfloat16* k, const __nv_bfloat16* v, const int32_t* block_ids,
-                                const Shape& s, int b, int t, int kvh, int64_t qpos, uint32_t warp_smem, int lane_)
-      : row_stride(static_cast<int64_t>(s.hkv) * kD), k_lo(s.k_start), k_hi(s.k_start + s.sk),
+                                const Shape& s, int b, int t, int kvh, int qpos, uint32_t warp_smem, int lane_)
+      : row_stride(static_cast<int64_t>(s.hkv) * kD), k_lo(static_cast<int>(s.k_start)),
+        k_hi(static_cast<int>(s.k_start) + s.sk),
         loader{block_ids + ((static_cast<int64_t>(b) * s.sq + t) * s.hkv + kvh) * s.top_k, s.top_k, s.block_size,
-               s.k_start, s.k_start + s.sk, qpos},
+               k_lo, k_hi, qpos},
         walker(loader), rows(lane_), stage0(warp_smem), lane(lane_) {
     const int64_t head_offset = static_cast<int64_t>(b) * s.sk * row_stride + static_cast<int64_t>(kvh) * kD;
     k_head = k + head_offset;
