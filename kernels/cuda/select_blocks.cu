@@ -108,28 +108,19 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
   const int group_size = s.hq / s.hkv, bs = s.block_size, top_k = s.top_k;
   const float scale = device::kLog2e / sqrtf(static_cast<float>(kD));  // logits -> log2 units
 
-  // CTA -> (b, kv head, token tile), the latest (heaviest) tiles first.
   const int tile_tokens = p.per_query_block ? bs : kWarps * kTokens;
-  const int n_tiles = (s.sq + tile_tokens - 1) / tile_tokens;
-  int64_t cta = blockIdx.x;
-  const int tile = n_tiles - 1 - static_cast<int>(cta % n_tiles);
-  cta /= n_tiles;
-  const int kvh = static_cast<int>(cta % s.hkv);
-  const int b = static_cast<int>(cta / s.hkv);
-  const int t_begin = tile * tile_tokens;
-  const int t_end = min(s.sq, t_begin + tile_tokens);
-  const int n_blocks_cta = min(p.n_blocks, static_cast<int>((s.q_start + t_end - 1) / bs) + 1);
-  const int n_chunks = (n_blocks_cta + kChunk - 1) / kChunk;
-  const int64_t head_rows = (static_cast<int64_t>(b) * s.hkv + kvh) * p.n_blocks * kD;
-  const __nv_bfloat16* hi = p.pooled_hi + head_rows;
-  const __nv_bfloat16* lo = p.pooled_lo + head_rows;
+  const device::SelectTile<kD> ct(p, tile_tokens);
+  const int b = ct.b, kvh = ct.kvh, tile = ct.tile, t_begin = ct.t_begin, t_end = ct.t_end;
+  const int n_blocks_cta = ct.n_blocks, n_chunks = ct.n_chunks;
+  const __nv_bfloat16* hi = ct.hi;
+  const __nv_bfloat16* lo = ct.lo;
   const uint32_t buffers = device::smem_address(smem);
   const int n_query_blocks = (s.sq + bs - 1) / bs;
   float* block_row = p.per_query_block
                          ? p.block_scores + ((static_cast<int64_t>(b) * s.hkv + kvh) * n_query_blocks + tile) * p.n_blocks
                          : nullptr;
 
-  const float* chunk_norm = p.chunk_norm + (static_cast<int64_t>(b) * s.hkv + kvh) * ((p.n_blocks + kChunk - 1) / kChunk);
+  const float* chunk_norm = ct.chunk_norm;
   const int per_round = kWarps * kTokens;
   const int rounds = (t_end - t_begin + per_round - 1) / per_round;
   for (int round = 0; round < rounds; ++round) {

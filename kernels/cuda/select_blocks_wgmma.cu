@@ -60,22 +60,11 @@ __global__ void __launch_bounds__(kWarps * 32, 2) select_wgmma_kernel(const Sele
   const int bs = s.block_size, top_k = s.top_k;
   const float scale = device::kLog2e / 8.f;  // 1 / sqrt(64) in log2 units
 
-  // CTA -> (b, kv head, token tile), the latest (heaviest) tiles first.
-  const int tile_tokens = kWarps * kTokens;
-  const int n_tiles = (s.sq + tile_tokens - 1) / tile_tokens;
-  int64_t cta = blockIdx.x;
-  const int tile = n_tiles - 1 - static_cast<int>(cta % n_tiles);
-  cta /= n_tiles;
-  const int kvh = static_cast<int>(cta % s.hkv);
-  const int b = static_cast<int>(cta / s.hkv);
-  const int t_begin = tile * tile_tokens;
-  const int t_end = min(s.sq, t_begin + tile_tokens);
-  const int n_blocks_cta = min(p.n_blocks, static_cast<int>((s.q_start + t_end - 1) / bs) + 1);
-  const int n_chunks = (n_blocks_cta + kChunk - 1) / kChunk;
-  const int64_t bh = static_cast<int64_t>(b) * s.hkv + kvh;
-  const __nv_bfloat16* hi = p.pooled_hi + bh * p.n_blocks * kD;
-  const __nv_bfloat16* lo = p.pooled_lo + bh * p.n_blocks * kD;
-  const float* chunk_norm = p.chunk_norm + bh * ((p.n_blocks + kChunk - 1) / kChunk);
+  const device::SelectTile<kD> ct(p, kWarps * kTokens);
+  const int b = ct.b, kvh = ct.kvh, t_begin = ct.t_begin, t_end = ct.t_end, n_chunks = ct.n_chunks;
+  const __nv_bfloat16* hi = ct.hi;
+  const __nv_bfloat16* lo = ct.lo;
+  const float* chunk_norm = ct.chunk_norm;
 
   int token[kTokens], n_causal[kTokens];
 #pragma unroll

@@ -16,6 +16,35 @@ namespace ssa::kernels::cuda::device {
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kChunk = kSelectChunk;  // pooled blocks per shared-memory chunk
 
+// A selection CTA's share of the launch: CTA -> (b, kv head, tile of tile_tokens
+// query tokens), the latest (heaviest) tiles first; the causal blocks any of its
+// tokens sees and their chunks; its (b, kv head)'s pooled rows and chunk norms.
+template <int kD>
+struct SelectTile {
+  int b, kvh, tile, t_begin, t_end, n_blocks, n_chunks;
+  const __nv_bfloat16* hi;
+  const __nv_bfloat16* lo;
+  const float* chunk_norm;
+
+  __device__ SelectTile(const SelectParams& p, int tile_tokens) {
+    const Shape& s = p.shape;
+    const int n_tiles = (s.sq + tile_tokens - 1) / tile_tokens;
+    int64_t cta = blockIdx.x;
+    tile = n_tiles - 1 - static_cast<int>(cta % n_tiles);
+    cta /= n_tiles;
+    kvh = static_cast<int>(cta % s.hkv);
+    b = static_cast<int>(cta / s.hkv);
+    t_begin = tile * tile_tokens;
+    t_end = min(s.sq, t_begin + tile_tokens);
+    n_blocks = min(p.n_blocks, static_cast<int>((s.q_start + t_end - 1) / s.block_size) + 1);
+    n_chunks = (n_blocks + kChunk - 1) / kChunk;
+    const int64_t bh = static_cast<int64_t>(b) * s.hkv + kvh;
+    hi = p.pooled_hi + bh * p.n_blocks * kD;
+    lo = p.pooled_lo + bh * p.n_blocks * kD;
+    chunk_norm = p.chunk_norm + bh * ((p.n_blocks + kChunk - 1) / kChunk);
+  }
+};
+
 // Running top-k of one query over the warp, sorted by descending score; equal
 // scores keep the earlier (lower) block id first.
 struct TopK {
