@@ -4,7 +4,9 @@
 // Nothing of size [tokens x blocks] is written: a CTA owns a tile of tokens of one
 // (batch, kv head), streams the pooled keys through shared memory in chunks of 64
 // blocks, and makes two passes over them:
-//   1. normalisers: per (token, head) the running max and sum of exp (log2 domain);
+//   1. normalisers: per (token, head) the sum of exp (log2 domain) against a
+//      reference raised at most once per chunk, to |q| times the chunk's largest
+//      key norm (a running max only where that bound underflows the sums);
 //   2. probabilities, summed over the group in registers and shuffles, feeding a
 //      running top-k per token held across the warp (lane i: entries i, i + 32).
 // The mma computes S^T: M = 16 pooled blocks (from shared memory, shared by every
@@ -18,7 +20,8 @@
 // logits, so ties and near-ties fall as in the fp32 reference), the normaliser
 // pass only hi. Query-block mode: the CTA owns one query block; its tokens'
 // group sums are added per block into a global row [Nb] (one per query block,
-// deterministic order), then one warp ranks that row.
+// deterministic order), then one warp ranks that row. Head dim 64 with groups of
+// 8 or 16 in token mode goes to the warpgroup-mma kernel (select_blocks_wgmma.cu).
 #include <cuda_bf16.h>
 
 #include <climits>
