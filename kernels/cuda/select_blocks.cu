@@ -236,13 +236,8 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
 #pragma unroll
       for (int u = 0; u < kUnits; ++u)
 #pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          const float bound = qs[u][h] * norm;
-          if (bound > m[u][h]) {
-            l[u][h] *= exp2f(m[u][h] - bound);
-            m[u][h] = bound;
-          }
-        }
+        for (int h = 0; h < 4; ++h)
+          device::raise_reference(m[u][h], l[u][h], qs[u][h] * norm);
       for (int step = 0; step < kChunk / 16; ++step) {
         const int j0 = c * kChunk + step * 16;
         if (j0 >= n_blocks_cta) break;
@@ -276,7 +271,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
       for (int h = 0; h < 4; ++h) {
 #pragma unroll
         for (int off = 4; off < 32; off <<= 1) l[u][h] += __shfl_xor_sync(kFull, l[u][h], off);
-        underflow |= head_valid(u, h) && !(l[u][h] >= 0x1p-80f);
+        underflow |= head_valid(u, h) && !(l[u][h] >= device::kUnderflowSum);
       }
     if (__syncthreads_or(underflow)) normalise_exact(m, l);
     // bias = log2 of the normaliser: p = 2^(x * scale - bias). Padded heads and

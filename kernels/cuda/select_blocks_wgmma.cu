@@ -146,13 +146,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) select_wgmma_kernel(const Sele
 #pragma unroll
         for (int u = 0; u < kUnits; ++u)
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const float bound = qs[u][r] * norm;
-            if (bound > m[u][r]) {
-              l[u][r] *= exp2f(m[u][r] - bound);
-              m[u][r] = bound;
-            }
-          }
+          for (int r = 0; r < 2; ++r)
+            device::raise_reference(m[u][r], l[u][r], qs[u][r] * norm);
       }
 #pragma unroll
       for (int u = 0; u < kUnits; ++u) {
@@ -206,7 +201,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) select_wgmma_kernel(const Sele
 #pragma unroll
   for (int u = 0; u < kUnits; ++u)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) underflow |= n_causal[token_of(u, r)] > 0 && !(l[u][r] >= 0x1p-80f);
+    for (int r = 0; r < 2; ++r) underflow |= n_causal[token_of(u, r)] > 0 && !(l[u][r] >= device::kUnderflowSum);
   if (__syncthreads_or(underflow)) {
     row_max();
     normalise(false);

@@ -16,6 +16,19 @@ namespace ssa::kernels::cuda::device {
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kChunk = kSelectChunk;  // pooled blocks per shared-memory chunk
 
+// The normaliser pass of both selection kernels sums 2^(x * scale - m) against a
+// reference m (log2 units) raised per chunk to |q| * (the chunk's largest key
+// norm) * scale, a bound on the chunk's logits (Cauchy-Schwarz).
+__device__ __forceinline__ void raise_reference(float& m, float& l, float bound) {
+  if (bound > m) {
+    l *= exp2f(m - bound);
+    m = bound;
+  }
+}
+// A row's final sum below this means its bounds lay so far above its logits that
+// terms underflowed: the CTA redoes the pass against the exact maximum.
+constexpr float kUnderflowSum = 0x1p-80f;
+
 // A selection CTA's share of the launch: CTA -> (b, kv head, tile of tile_tokens
 // query tokens), the latest (heaviest) tiles first; the causal blocks any of its
 // tokens sees and their chunks; its (b, kv head)'s pooled rows and chunk norms.
