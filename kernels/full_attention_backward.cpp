@@ -150,9 +150,8 @@ AttentionGrads full_attention_backward(const at::Tensor& dout, const at::Tensor&
                                        int64_t q_start, int64_t k_start, int64_t chunk_rows) {
   check_inputs(dout, q, k, v, out, lse, q_start, k_start, chunk_rows);
   const int64_t sq = q.size(1), q_last = q_start + sq - 1;
-  AttentionGrads zero{at::zeros_like(q, at::MemoryFormat::Contiguous), at::zeros_like(k, at::MemoryFormat::Contiguous),
-                      at::zeros_like(v, at::MemoryFormat::Contiguous)};
-  if (sq == 0 || k.size(1) == 0 || k_start > q_last) return zero;  // no key visible to any row
+  auto zeros = [](const at::Tensor& like) { return at::zeros_like(like, at::MemoryFormat::Contiguous); };
+  if (sq == 0 || k.size(1) == 0 || k_start > q_last) return {zeros(q), zeros(k), zeros(v)};  // no key visible to any row
   // Keys after the last query are masked for every row (zero gradient): drop
   // them, as the forward does, so q_start == k_start with Sk > Sq is fused too.
   const int64_t sk = std::min(k.size(1), q_last - k_start + 1);
@@ -166,10 +165,10 @@ AttentionGrads full_attention_backward(const at::Tensor& dout, const at::Tensor&
     g = matmul_backward(dout, q, kt, vt, out, lse, q_start, k_start, chunk_rows);
   }
   if (sk == k.size(1)) return g;
-  zero.dq = g.dq;
-  zero.dk.narrow(1, 0, sk).copy_(g.dk);
-  zero.dv.narrow(1, 0, sk).copy_(g.dv);
-  return zero;
+  AttentionGrads padded{g.dq, zeros(k), zeros(v)};
+  padded.dk.narrow(1, 0, sk).copy_(g.dk);
+  padded.dv.narrow(1, 0, sk).copy_(g.dv);
+  return padded;
 }
 
 }  // namespace ssa::kernels
