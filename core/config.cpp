@@ -71,6 +71,10 @@ void TrainConfig::visit(FieldVisitor& v) {
   v.integer("seed", seed, 0, kNoMax, "seed of init, data order and mode draws");
   v.text("device", device, {"auto", "cpu", "cuda"}, "auto: cuda when a GPU is present");
   v.text("dtype", dtype, {"auto", "fp32", "bf16"}, "auto: bf16 on GPU, fp32 on CPU");
+  v.integer("cuda_connections", cuda_connections, 0, 32,
+            "hardware work queues per GPU (CUDA_DEVICE_MAX_CONNECTIONS, set before the GPU is first used; the "
+            "environment variable wins when set); 0: the driver's default (8). With collectives queued beside the "
+            "compute stream, fewer queues shorten the gaps between kernels");
   v.boolean("recompute", recompute, "recompute each layer's activations in backward");
   v.boolean("recompute_attention", recompute_attention,
             "with recompute: re-run attention too (its selection and cp ring) instead of keeping each layer's "

@@ -95,6 +95,7 @@ struct TrainConfig {
   int64_t seed = 1234;
   std::string device = "auto";  // auto | cpu | cuda
   std::string dtype = "auto";   // auto | fp32 | bf16
+  int64_t cuda_connections = 2;  // CUDA_DEVICE_MAX_CONNECTIONS; 0: the driver's default
   bool recompute = false;
   bool recompute_attention = false;  // with recompute: re-run attention too instead of keeping its outputs
   int64_t ce_chunk_tokens = 1024;

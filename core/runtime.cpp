@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <optional>
 
 #ifdef SSA_WITH_CUDA
@@ -28,6 +29,15 @@ bool cuda_present() {
 #endif
 }
 }  // namespace
+
+std::string apply_cuda_connections(const TrainConfig& train) {
+  constexpr const char* kName = "CUDA_DEVICE_MAX_CONNECTIONS";
+  if (train.device != "cpu" && train.cuda_connections > 0) {
+    ::setenv(kName, std::to_string(train.cuda_connections).c_str(), /*overwrite=*/0);
+  }
+  const char* value = std::getenv(kName);
+  return value != nullptr ? value : "";
+}
 
 Runtime choose_runtime(const TrainConfig& train, int64_t local_rank) {
   Runtime rt;

@@ -40,6 +40,12 @@ class DeviceClock {
   std::unique_ptr<Impl> impl_;
 };
 
+// train.cuda_connections as CUDA_DEVICE_MAX_CONNECTIONS, unless the environment
+// already sets it or the value is 0. Call before anything creates a CUDA
+// context (the driver reads it then); returns the value in effect ("" when
+// unset: the driver's default).
+std::string apply_cuda_connections(const TrainConfig& train);
+
 // train.device / train.dtype: auto picks CUDA device `local_rank` and bf16 when
 // a GPU is present, else CPU and fp32. Asking for cuda without one is an error.
 Runtime choose_runtime(const TrainConfig& train, int64_t local_rank);

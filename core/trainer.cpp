@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <map>
@@ -137,8 +138,13 @@ void Trainer::start() {
   grid_.bind_device(runtime_.device.type());  // CUDA: device = local rank, NCCL communicators
   if (leader_) {
     fs::create_directories(run_dir_);
-    fmt::print("ssa train: run {} | grid dp={} cp={} | device {} {} | resolved config:\n{}\n", run_dir_.string(),
-               grid_.dp(), grid_.cp(), runtime_.device.str(), runtime_.dtype_name(), config_.to_json());
+    std::string queues;
+    if (runtime_.device.is_cuda()) {
+      const char* set = std::getenv("CUDA_DEVICE_MAX_CONNECTIONS");
+      queues = fmt::format(" ({} hardware queues)", set != nullptr ? set : "the driver's default");
+    }
+    fmt::print("ssa train: run {} | grid dp={} cp={} | device {}{} {} | resolved config:\n{}\n", run_dir_.string(),
+               grid_.dp(), grid_.cp(), runtime_.device.str(), queues, runtime_.dtype_name(), config_.to_json());
   }
   barrier();
   std::optional<fs::path> latest = checkpoints_.latest();
@@ -512,6 +518,7 @@ TrainOutcome Trainer::run() {
 }  // namespace
 
 TrainOutcome run_training(Config config, const fs::path& run_dir, TrainLimits limits) {
+  apply_cuda_connections(config.train);  // before MPI or LibTorch create a CUDA context
   Trainer trainer(std::move(config), run_dir, limits);
   return trainer.run();
 }

@@ -1,6 +1,9 @@
 // Model pieces: chunked cross-entropy, recomputation, schedule, mode draws.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <string>
+
 #include <torch/csrc/autograd/autograd.h>
 
 #include "core/cross_entropy.h"
@@ -132,4 +135,26 @@ TEST(ModeDraw, ReproducibleAndFair) {
   EXPECT_GT(mixed, 20);
   EXPECT_FALSE(core::draw_full_stream(1, 2, 3, 0.0));
   EXPECT_TRUE(core::draw_full_stream(1, 2, 3, 1.0));
+}
+
+TEST(Runtime, CudaConnectionsGoToTheEnvironmentUnlessItSetsThemOrTheRunIsOnCpu) {
+  constexpr const char* kName = "CUDA_DEVICE_MAX_CONNECTIONS";
+  const char* before = std::getenv(kName);
+  const std::string saved = before != nullptr ? before : "";
+  ssa::core::TrainConfig train;
+  ::unsetenv(kName);
+  train.device = "cpu";
+  EXPECT_EQ(ssa::core::apply_cuda_connections(train), "");  // a CPU run leaves it alone
+  train.device = "auto";
+  train.cuda_connections = 0;
+  EXPECT_EQ(ssa::core::apply_cuda_connections(train), "");  // 0: the driver's default
+  train.cuda_connections = 2;
+  EXPECT_EQ(ssa::core::apply_cuda_connections(train), "2");
+  ::setenv(kName, "4", 1);
+  EXPECT_EQ(ssa::core::apply_cuda_connections(train), "4");  // the user's environment wins
+  if (before != nullptr) {
+    ::setenv(kName, saved.c_str(), 1);
+  } else {
+    ::unsetenv(kName);
+  }
 }
