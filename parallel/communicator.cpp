@@ -262,6 +262,21 @@ P2PBatch Communicator::start_reduce_scatter(const at::Tensor& input, const at::T
   return P2PBatch();
 }
 
+P2PBatch Communicator::start_all_gather(const at::Tensor& input, const at::Tensor& output) {
+  check_in_flight_tensor(input, name_, "all_gather");
+  check_in_flight_tensor(output, name_, "all_gather");
+#ifdef SSA_WITH_CUDA
+  if (input.is_cuda() && output.is_cuda() && input.scalar_type() == output.scalar_type() &&
+      output.numel() == input.numel() * size_) {
+    check_device(input, "all_gather");
+    check_device(output, "all_gather");
+    return nccl_start_all_gather(input, output);
+  }
+#endif
+  all_gather(input, output);  // CPU, or the shape/dtype error
+  return P2PBatch();
+}
+
 void Communicator::reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op) {
   check_device(input, "reduce_scatter");
   check_device(output, "reduce_scatter");

@@ -90,6 +90,7 @@ class Communicator {
   // touched before wait()). CPU tensors: complete before returning.
   P2PBatch start_all_reduce(const at::Tensor& tensor, ReduceOp op);
   P2PBatch start_reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op);
+  P2PBatch start_all_gather(const at::Tensor& input, const at::Tensor& output);
   // In place: every rank receives root's tensor.
   void broadcast(const at::Tensor& tensor, int root);
   void barrier();
@@ -138,6 +139,7 @@ class Communicator {
   void nccl_all_reduce(const at::Tensor& tensor, ReduceOp op);
   void nccl_reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op);
   void nccl_all_gather(const at::Tensor& input, const at::Tensor& output);
+  P2PBatch nccl_start_all_gather(const at::Tensor& input, const at::Tensor& output);
   void nccl_broadcast(const at::Tensor& tensor, int root);
   P2PBatch nccl_start_p2p(std::vector<P2POp> ops, const std::string& op_name);
   P2PBatch nccl_start_all_reduce(const at::Tensor& tensor, ReduceOp op);

@@ -254,6 +254,17 @@ P2PBatch Communicator::nccl_start_reduce_scatter(const at::Tensor& input, const 
   return in_flight(collective_state(this, nccl_->device, "reduce_scatter", {input, output}, std::move(done)));
 }
 
+P2PBatch Communicator::nccl_start_all_gather(const at::Tensor& input, const at::Tensor& output) {
+  ensure_device(input.device());
+  at::cuda::CUDAEvent done =
+      enqueue_on_side_stream(*nccl_, {input, output}, "all_gather", [&](ncclComm_t comm, cudaStream_t stream) {
+        SSA_NCCL_CHECK(ncclAllGather(input.data_ptr(), output.data_ptr(), static_cast<size_t>(input.numel()),
+                                     nccl_type(input.scalar_type()), comm, stream));
+      });
+  record("all_gather", 0.0, nbytes(output));
+  return in_flight(collective_state(this, nccl_->device, "all_gather", {input, output}, std::move(done)));
+}
+
 P2PBatch Communicator::nccl_start_p2p(std::vector<P2POp> ops, const std::string& op_name) {
   ensure_device(ops.front().tensor.device());
   NcclState& s = *nccl_;

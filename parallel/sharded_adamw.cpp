@@ -242,6 +242,9 @@ void ShardedAdamW::launch_step(double lr, const at::Tensor& skip) {
   pending_verdict_ = HostCopy(at::cat({norm_sq, bad.to(at::kDouble)}));
   device_step_.add_(1.0 - bad);
   const double b1 = options_.beta1, b2 = options_.beta2;
+  // Each bucket's new weights leave for the other ranks while the next bucket
+  // is updated (a skipped step writes the unchanged weights back).
+  std::vector<WeightGather> gathers;
   for (size_t i = 0; i < buckets.size(); ++i) {
     BucketState& s = state_[i];
     for (const bool decay : {true, false}) {
@@ -258,8 +261,9 @@ void ShardedAdamW::launch_step(double lr, const at::Tensor& skip) {
       at::_fused_adamw_(p, g, m, v, {}, steps, lr, b1, b2, decay ? options_.weight_decay : 0.0, options_.eps,
                         /*amsgrad=*/false, /*maximize=*/false, inverse_clip, bad);
     }
+    gathers.push_back(start_weight_gather(i));
   }
-  write_parameters();  // a skipped step writes the unchanged weights back
+  for (size_t i = 0; i < buckets.size(); ++i) finish_weight_gather(i, gathers[i]);
   if (!during_backward) {
     for (Reduction& r : reductions_) r = Reduction{};
   }
@@ -277,7 +281,7 @@ StepResult ShardedAdamW::finish_step() {
   return result;
 }
 
-void ShardedAdamW::write_parameters() {
+ShardedAdamW::WeightGather ShardedAdamW::start_weight_gather(size_t bucket) {
   at::NoGradGuard no_grad;
   // The new weights in the model dtype when every parameter shares it: half the
   // bytes to all-gather for bf16, and same-dtype copies into the parameters.
@@ -285,20 +289,35 @@ void ShardedAdamW::write_parameters() {
   for (const Parameter& p : params_) {
     if (p.tensor.scalar_type() != gather_type) gather_type = at::kFloat;
   }
-  const auto& buckets = layout_->buckets();
-  for (size_t i = 0; i < buckets.size(); ++i) {
-    const FlatBucket& b = buckets[i];
-    const at::Tensor own = state_[i].master.to(gather_type);
-    const at::Tensor full = sharded() ? dp_->all_gather(own) : own;
-    // One multi-tensor copy per bucket (not a kernel per parameter).
-    std::vector<at::Tensor> dst, src;
-    for (const FlatPiece& piece : b.pieces) {
-      dst.push_back(params_[static_cast<size_t>(piece.param)].tensor.detach().view({-1}).narrow(0, piece.param_offset,
-                                                                                               piece.numel));
-      src.push_back(full.narrow(0, piece.bucket_offset, piece.numel));
-    }
-    at::_foreach_copy_(dst, src);
+  WeightGather g;
+  g.own = state_[bucket].master.to(gather_type);
+  if (!sharded()) {
+    g.full = g.own;
+    return g;
   }
+  g.full = at::empty({g.own.numel() * dp_size_}, g.own.options());
+  g.batch = dp_->start_all_gather(g.own, g.full);
+  return g;
+}
+
+void ShardedAdamW::finish_weight_gather(size_t bucket, WeightGather& g) {
+  at::NoGradGuard no_grad;
+  g.batch.wait();
+  // One multi-tensor copy per bucket (not a kernel per parameter).
+  std::vector<at::Tensor> dst, src;
+  for (const FlatPiece& piece : layout_->buckets()[bucket].pieces) {
+    dst.push_back(params_[static_cast<size_t>(piece.param)].tensor.detach().view({-1}).narrow(0, piece.param_offset,
+                                                                                             piece.numel));
+    src.push_back(g.full.narrow(0, piece.bucket_offset, piece.numel));
+  }
+  at::_foreach_copy_(dst, src);
+}
+
+void ShardedAdamW::write_parameters() {
+  std::vector<WeightGather> gathers;
+  const size_t n = layout_->buckets().size();
+  for (size_t i = 0; i < n; ++i) gathers.push_back(start_weight_gather(i));
+  for (size_t i = 0; i < n; ++i) finish_weight_gather(i, gathers[i]);
 }
 
 void ShardedAdamW::zero_grad() {

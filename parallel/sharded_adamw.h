@@ -164,6 +164,14 @@ class ShardedAdamW {
   void start_reductions(bool all);  // the complete ones in order; all: the rest too
   std::vector<at::Tensor> finish_reductions();  // each bucket's reduced gradient
   void write_parameters();  // master -> params (all-gather with ZeRO)
+  // One bucket of write_parameters: its weights in the gather dtype, and with
+  // ZeRO their all-gather, in flight until finish_weight_gather copies them out.
+  struct WeightGather {
+    at::Tensor own, full;
+    P2PBatch batch;
+  };
+  WeightGather start_weight_gather(size_t bucket);
+  void finish_weight_gather(size_t bucket, WeightGather& g);
   bool sharded() const { return options_.zero && dp_size_ > 1; }
   // Offset of my state within the bucket's coordinates (0 without ZeRO).
   int64_t state_origin(const FlatBucket& b) const { return sharded() ? b.shard_numel * dp_rank_ : 0; }

@@ -228,16 +228,24 @@ void check_collectives_in_flight(Communicator& w, const at::TensorOptions& o) {
   at::Tensor input = at::arange(n * kPer, o.dtype(at::kFloat)) + 1000.0f * r;
   at::Tensor out = at::empty({kPer}, o.dtype(at::kFloat));
   P2PBatch scatter = w.start_reduce_scatter(input, out, ReduceOp::kAvg);
+  at::Tensor mine = at::full({kPer}, static_cast<float>(r + 1), o.dtype(at::kBFloat16));
+  at::Tensor gathered = at::empty({n * kPer}, o.dtype(at::kBFloat16));
+  P2PBatch gather = w.start_all_gather(mine, gathered);
   sum.wait();
   scatter.wait();
+  gather.wait();
   const auto cpu = at::TensorOptions().dtype(at::kDouble);
   EXPECT_TRUE(at::equal(t.cpu().to(at::kDouble), at::arange(1, 1 + (1 << 16), cpu) * (n * (n + 1) / 2)));
   const at::Tensor expect = 1000.0 * (n - 1) / 2 + at::arange(kPer, cpu) + r * kPer;
   EXPECT_TRUE(at::allclose(out.cpu().to(at::kDouble), expect)) << out;
+  // Row q of the gathered buffer is rank q's input.
+  EXPECT_TRUE(at::equal(gathered.cpu().to(at::kDouble).view({n, kPer}),
+                        (at::arange(1, n + 1, cpu).unsqueeze(1)).expand({n, kPer})));
   at::Tensor nc = at::zeros({4, 4}, o.dtype(at::kFloat)).t();
   EXPECT_THROW(w.start_all_reduce(nc, ReduceOp::kSum), CommError);
   EXPECT_THROW(w.start_all_reduce(at::zeros({2}, o.dtype(at::kBool)), ReduceOp::kSum), CommError);
   EXPECT_THROW(w.start_reduce_scatter(input, at::empty({3}, o.dtype(at::kFloat)), ReduceOp::kSum), CommError);
+  EXPECT_THROW(w.start_all_gather(mine, at::empty({n * kPer + 1}, o.dtype(at::kBFloat16))), CommError);
 }
 
 TEST(Communicator, CollectivesInFlight) { check_collectives_in_flight(world_grid().world(), opts(at::kFloat)); }
