@@ -153,14 +153,25 @@ Transformer::Transformer(const ModelConfig& config, at::Device device, at::Scala
   final_norm_ = ones(H);
 }
 
+RotaryTable Transformer::rotary_for(const at::Tensor& positions) const {
+  const std::lock_guard<std::mutex> lock(rotary_mutex_);
+  RotaryCache& c = rotary_cache_;
+  if (!c.positions.is_same(positions) || c.version != positions._version()) {
+    c.table = rotary_table(positions.to(embedding_.device()), config_.resolved_head_dim(), config_.rope_theta,
+                           config_.rope_scaling);
+    c.positions = positions;
+    c.version = positions._version();
+  }
+  return c.table;
+}
+
 ForwardResult Transformer::forward(const at::Tensor& tokens, const at::Tensor& positions,
                                    const StreamSettings& settings, Recompute recompute,
                                    const LayerObserver* observer) const {
   TORCH_CHECK(tokens.dim() == 2, "Transformer::forward: tokens must be [B, S_local], got ", tokens.sizes());
   TORCH_CHECK(positions.dim() == 1 && positions.size(0) == tokens.size(1),
               "Transformer::forward: positions must be [S_local]");
-  auto rotary = rotary_table(positions.to(embedding_.device()), config_.resolved_head_dim(), config_.rope_theta,
-                             config_.rope_scaling);
+  const RotaryTable rotary = rotary_for(positions);
   LayerInputs inputs{&config_, &settings, &rotary, observer};
   ForwardResult result;
   auto x = at::embedding(embedding_, tokens.to(embedding_.device()));  // [B, S, H]

@@ -5,11 +5,14 @@
 // optimizer can flatten/shard them and checkpoints can store them.
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <functional>
+#include <mutex>
 #include <string>
 #include <vector>
 
 #include "core/config.h"
+#include "core/rope.h"
 #include "core/ssa_layer.h"
 
 namespace ssa::core {
@@ -69,6 +72,17 @@ class Transformer {
 
  private:
   ModelConfig config_;
+  // The rotary table of the last positions tensor seen (the trainer passes the
+  // same tensor while the positions do not change): ~12 small kernels a step saved.
+  struct RotaryCache {
+    at::Tensor positions;
+    uint32_t version = 0;
+    RotaryTable table;
+  };
+  mutable RotaryCache rotary_cache_;
+  mutable std::mutex rotary_mutex_;
+  RotaryTable rotary_for(const at::Tensor& positions) const;
+
   at::Tensor embedding_;
   at::Tensor final_norm_;
   std::vector<LayerWeights> layers_;

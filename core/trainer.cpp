@@ -117,6 +117,8 @@ class Trainer {
   std::unique_ptr<monitoring::JsonlLog> log_;
   std::unique_ptr<monitoring::ConsoleProgress> progress_;
   std::unique_ptr<StepProfiler> profiler_;
+  at::Tensor last_positions_;                  // the previous batch's positions on the device
+  std::vector<int64_t> last_position_values_;  // and their values
   RunState state_;
   std::set<int64_t> inject_nonfinite_ = steps_from_env(kInjectNonfiniteStepsEnv);
   AttentionMode mode_ = AttentionMode::kSsa;
@@ -305,13 +307,24 @@ DeviceBatch Trainer::next_batch() {
   const int64_t cols = batch.cols;
   out.inputs = at::from_blob(const_cast<int32_t*>(batch.inputs.data()), {batch.rows, cols}, at::kInt).to(at::kLong);
   out.labels = at::from_blob(const_cast<int32_t*>(batch.labels.data()), {batch.rows, cols}, at::kInt).to(at::kLong);
-  out.positions = at::from_blob(const_cast<int64_t*>(batch.positions.data()), {cols}, at::kLong).clone();
+  // The positions repeat from step to step: the same tensor again (no copy, and
+  // the model keeps its rotary table for it).
+  const bool same_positions = last_positions_.defined() && batch.positions == last_position_values_;
+  if (!same_positions) {
+    out.positions = at::from_blob(const_cast<int64_t*>(batch.positions.data()), {cols}, at::kLong).clone();
+  }
   if (runtime_.device.is_cuda()) {
     // From pinned memory without waiting: the previous step's update may still
     // be running, and this step's work queues behind it.
     for (at::Tensor* t : {&out.inputs, &out.labels, &out.positions}) {
-      *t = t->pin_memory().to(runtime_.device, /*non_blocking=*/true);
+      if (t->defined()) *t = t->pin_memory().to(runtime_.device, /*non_blocking=*/true);
     }
+  }
+  if (same_positions) {
+    out.positions = last_positions_;
+  } else {
+    last_positions_ = out.positions;
+    last_position_values_ = batch.positions;
   }
   return out;
 }

@@ -79,6 +79,27 @@ TEST(Transformer, RecomputationGivesTheSameLossAndGradients) {
   }
 }
 
+// The rotary table is kept for the positions tensor last seen: another tensor,
+// or the same one changed in place, gets its own table.
+TEST(Transformer, RotaryTableFollowsThePositions) {
+  at::NoGradGuard no_grad;
+  core::Transformer model(tiny_model(), at::kCPU, at::kFloat, 5);
+  core::Transformer fresh(tiny_model(), at::kCPU, at::kFloat, 5);
+  auto tokens = at::randint(0, 257, {1, 32}, at::kLong);
+  auto run = [&](const core::Transformer& m, const at::Tensor& positions) {
+    return m.forward(tokens, positions, ssa_settings(true), core::Recompute::kNone).hidden;
+  };
+  at::Tensor positions = at::arange(32, at::kLong);
+  const at::Tensor first = run(model, positions);
+  EXPECT_TRUE(at::equal(run(model, positions), first));
+  // Rotary attention sees relative positions only: spread them out, not shift.
+  const at::Tensor spread = at::arange(32, at::kLong) * 3;
+  EXPECT_TRUE(at::equal(run(model, spread), run(fresh, spread.clone())));
+  EXPECT_FALSE(at::allclose(run(model, spread), first));
+  positions.mul_(3);  // in place: now equal to `spread`
+  EXPECT_TRUE(at::equal(run(model, positions), run(fresh, spread.clone())));
+}
+
 TEST(Transformer, InitIsSeededAndLlamaStyle) {
   auto m = tiny_model();
   core::Transformer a(m, at::kCPU, at::kFloat, 1), b(m, at::kCPU, at::kFloat, 1), c(m, at::kCPU, at::kFloat, 2);
