@@ -267,7 +267,8 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     dq = kernels::add_row_terms(dq, dq_terms, dq.scalar_type());
     dq_terms.clear();
   };
-  at::Tensor dk, dv;
+  at::Tensor dk, dv;  // the selected-block transport's sums; the ring's are dkv ([2, ...]: dK, dV)
+  at::Tensor dkv;
   // Gradients stay in their dtype (the fused and CUDA backwards take them so; the
   // formula paths convert per chunk).
   const at::Tensor g_full = grad_full.defined() ? grad_full.contiguous() : at::Tensor();
@@ -323,63 +324,70 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     // items, which touch only my own chunks.
     const bool kept = outputs.k_all.defined();
     const bool prefix_full = full_on_prefix(setup);
-    at::Tensor dk_all, dv_all;  // [B, S, Hkv, D] acc dtype
-    if (kept) {
-      dk_all = at::zeros(outputs.k_all.sizes(), acc);
-      dv_all = at::zeros(outputs.v_all.sizes(), acc);
-    }
+    // dK and dV sums live in one buffer [2, B, rows, Hkv, D] (acc dtype): dK,
+    // then dV. Zeroing, cutting out a rank's rows, adding what arrives, sending
+    // and converting each take one op for both.
+    auto kv_zeros = [&](const at::Tensor& like) {
+      std::vector<int64_t> shape{2};
+      for (const int64_t s : like.sizes()) shape.push_back(s);
+      return at::zeros(shape, acc);
+    };
+    at::Tensor dkv_all;  // the assembled sequence's rows
     if (kept) {  // everything that reads the assembled K/V (accumulate skips a stream without gradient)
+      dkv_all = kv_zeros(outputs.k_all);
+      at::Tensor dk_all = dkv_all[0], dv_all = dkv_all[1];
       for (const WorkItem& w : assembled_sparse_work(setup)) accumulate(w, outputs.k_all, outputs.v_all, dk_all, dv_all);
       if (prefix_full) {
         for (const WorkItem& w : prefix_work(setup)) accumulate(w, outputs.k_all, outputs.v_all, dk_all, dv_all);
       }
     }
-    // The rows of src's two chunks in dk_all/dv_all.
-    auto rows_of = [&](const at::Tensor& all, int64_t src) {
+    // The rows of src's two chunks of a [.., S, Hkv, D] tensor (rows: dim `dim`).
+    auto rows_of = [&](const at::Tensor& all, int64_t src, int64_t dim) {
       const int64_t c = z.chunk;
-      return at::cat({all.narrow(1, z.global_chunk(src, 0) * c, c), all.narrow(1, z.global_chunk(src, 1) * c, c)}, 1);
+      return at::cat(
+          {all.narrow(dim, z.global_chunk(src, 0) * c, c), all.narrow(dim, z.global_chunk(src, 1) * c, c)}, dim);
     };
     P2PBatch dkv_batch;
-    at::Tensor in_dk, in_dv;
-    // One hop of an accumulator: adds what the ranks before me sent for it (from
-    // the second hop on) and passes it to the right, receiving the next one.
-    auto pass_on = [&](int64_t step, at::Tensor& acc_dk, at::Tensor& acc_dv) {
+    at::Tensor in_dkv;
+    // One hop of an accumulator [2, B, rows, Hkv, D]: adds what the ranks before
+    // me sent for it (from the second hop on) and passes it to the right,
+    // receiving the next one.
+    auto pass_on = [&](int64_t step, at::Tensor& acc_dkv) {
       if (step > 0) {
         dkv_batch.wait();
-        acc_dk.add_(in_dk);
-        acc_dv.add_(in_dv);
+        acc_dkv.add_(in_dkv);
       }
-      dkv_batch = pass_pair(*setup.comm, left, right, acc_dk, acc_dv, &in_dk, &in_dv, kTagDkv, "ring_dkv");
+      in_dkv = at::empty_like(acc_dkv);
+      dkv_batch = setup.comm->start_p2p(
+          {P2POp::send(acc_dkv, right, kTagDkv), P2POp::recv(in_dkv, left, kTagDkv)}, "ring_dkv");
     };
     if (kept) {
       // No rotation: step s passes on the accumulator of rank r-1-s's chunks. It
       // arrives from the left (where it was at step s-1) and leaves to the right,
       // so it reaches its owner at step cp-1; each gradient makes cp-1 hops, and
       // my diagonal items run while the first hop travels.
-      at::Tensor own_dk = rows_of(dk_all, z.rank), own_dv = rows_of(dv_all, z.rank);
+      at::Tensor own = rows_of(dkv_all, z.rank, 2);
       auto diagonal = [&] {  // my own chunks' full-stream items
+        at::Tensor own_dk = own[0], own_dv = own[1];
         for (const WorkItem& w : prefix_full ? diagonal_work(setup) : ring_work(setup, z.rank)) {
           accumulate(w, k, v, own_dk, own_dv);
         }
       };
       for (int64_t step = 0; step + 1 < z.cp; ++step) {
         const int64_t src = ((z.rank - 1 - step) % z.cp + z.cp) % z.cp;
-        at::Tensor acc_dk = rows_of(dk_all, src), acc_dv = rows_of(dv_all, src);
+        at::Tensor acc_dkv = rows_of(dkv_all, src, 2);
         if (!prefix_full) {  // the full stream's ring items on src's chunks, if it has a gradient
-          const at::Tensor src_k = rows_of(outputs.k_all, src), src_v = rows_of(outputs.v_all, src);
+          const at::Tensor src_k = rows_of(outputs.k_all, src, 1), src_v = rows_of(outputs.v_all, src, 1);
+          at::Tensor acc_dk = acc_dkv[0], acc_dv = acc_dkv[1];
           for (const WorkItem& w : ring_work(setup, src)) accumulate(w, src_k, src_v, acc_dk, acc_dv);
         }
-        pass_on(step, acc_dk, acc_dv);
+        pass_on(step, acc_dkv);
         if (step == 0) diagonal();
       }
       if (z.cp == 1) diagonal();
       dkv_batch.wait();  // the sums of every other rank's share of my chunks
-      if (in_dk.defined()) {
-        own_dk.add_(in_dk);
-        own_dv.add_(in_dv);
-      }
-      dk = own_dk;
-      dv = own_dv;
+      if (in_dkv.defined()) own.add_(in_dkv);
+      dkv = own;
     } else {
       // The K/V rotate again as in the forward, starting from my own; the fp32
       // dK/dV of the chunk being visited travel one hop behind them, so each
@@ -392,9 +400,10 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
         if (step + 1 < z.cp) {
           next = pass_pair(*setup.comm, left, right, cur_k, cur_v, &next_k, &next_v, kTagKv, "ring_kv");
         }
-        at::Tensor acc_dk = at::zeros(cur_k.sizes(), acc), acc_dv = at::zeros(cur_v.sizes(), acc);
+        at::Tensor acc_dkv = kv_zeros(cur_k);
+        at::Tensor acc_dk = acc_dkv[0], acc_dv = acc_dkv[1];
         for (const WorkItem& w : ring_work(setup, src)) accumulate(w, cur_k, cur_v, acc_dk, acc_dv);
-        pass_on(step, acc_dk, acc_dv);
+        pass_on(step, acc_dkv);
         next.wait();
         if (next_k.defined()) {
           cur_k = next_k;
@@ -402,11 +411,19 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
         }
       }
       dkv_batch.wait();  // after cp hops my own chunk's complete dK/dV arrived
-      dk = in_dk;
-      dv = in_dv;
+      dkv = in_dkv;
     }
   }
-  return {kernels::add_row_terms(dq, dq_terms, q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+  const at::Tensor dq_out = kernels::add_row_terms(dq, dq_terms, q.scalar_type());
+  if (dkv.defined()) {
+    if (k.scalar_type() == v.scalar_type()) {
+      const at::Tensor both = dkv.to(k.scalar_type());
+      return {dq_out, both[0], both[1]};
+    }
+    dk = dkv[0];
+    dv = dkv[1];
+  }
+  return {dq_out, dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
 
 namespace {
