@@ -84,7 +84,7 @@ class Communicator {
   void all_gather(const at::Tensor& input, const at::Tensor& output);
   // As above; output shaped [size() * input.size(0), ...] (a 0-dim input gives [size()]).
   at::Tensor all_gather(const at::Tensor& input);
-  // As all_reduce and reduce_scatter, but returned while in flight: on CUDA the
+  // As all_reduce, reduce_scatter and all_gather, but returned while in flight: on CUDA the
   // caller's stream does not wait for the result until the batch's wait(), so
   // later compute overlaps it (tensors: contiguous, not bool; they must not be
   // touched before wait()). CPU tensors: complete before returning.

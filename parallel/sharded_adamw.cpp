@@ -37,6 +37,7 @@ ShardedAdamW::ShardedAdamW(std::vector<Parameter> params, AdamWOptions options, 
   check_options(options_);
   if (params_.empty()) throw std::invalid_argument("parallel::ShardedAdamW: no parameters to optimise");
   device_ = params_.front().tensor.defined() ? params_.front().tensor.device() : at::Device(at::kCPU);
+  gather_type_ = params_.front().tensor.defined() ? params_.front().tensor.scalar_type() : at::kFloat;
   std::vector<int64_t> numels;
   for (const Parameter& p : params_) {
     if (!p.tensor.defined() || !at::isFloatingType(p.tensor.scalar_type()) || !p.tensor.is_contiguous() ||
@@ -46,6 +47,9 @@ ShardedAdamW::ShardedAdamW(std::vector<Parameter> params, AdamWOptions options, 
           device_.str(), p.tensor.defined() ? p.tensor.toString() + " on " + p.tensor.device().str() : "undefined"));
     }
     numels.push_back(p.tensor.numel());
+    // The new weights travel in the model dtype when every parameter shares it:
+    // half the bytes to all-gather for bf16, and same-dtype copies into the parameters.
+    if (p.tensor.scalar_type() != gather_type_) gather_type_ = at::kFloat;
   }
   dp_size_ = group_size(dp_);
   dp_rank_ = dp_ ? dp_->rank() : 0;
@@ -283,14 +287,8 @@ StepResult ShardedAdamW::finish_step() {
 
 ShardedAdamW::WeightGather ShardedAdamW::start_weight_gather(size_t bucket) {
   at::NoGradGuard no_grad;
-  // The new weights in the model dtype when every parameter shares it: half the
-  // bytes to all-gather for bf16, and same-dtype copies into the parameters.
-  at::ScalarType gather_type = params_.front().tensor.scalar_type();
-  for (const Parameter& p : params_) {
-    if (p.tensor.scalar_type() != gather_type) gather_type = at::kFloat;
-  }
   WeightGather g;
-  g.own = state_[bucket].master.to(gather_type);
+  g.own = state_[bucket].master.to(gather_type_);
   if (!sharded()) {
     g.full = g.own;
     return g;

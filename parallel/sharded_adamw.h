@@ -177,6 +177,7 @@ class ShardedAdamW {
   int64_t state_origin(const FlatBucket& b) const { return sharded() ? b.shard_numel * dp_rank_ : 0; }
 
   std::vector<Parameter> params_;
+  at::ScalarType gather_type_ = at::kFloat;  // dtype of the weights' all-gather
   AdamWOptions options_;
   bool shards_over_cp_ = false;
   Communicator* dp_ = nullptr;
