@@ -18,11 +18,25 @@ FlatLayout::FlatLayout(const std::vector<int64_t>& numels, int64_t bucket_numel,
     param_offsets_.push_back(numel_);
     numel_ += n;
   }
-  const int64_t target = (bucket_numel + shards - 1) / shards * shards;
-  for (int64_t start = 0; start < numel_; start += target) {
+  auto round_up = [shards](int64_t n) { return (n + shards - 1) / shards * shards; };
+  const int64_t target = round_up(bucket_numel);
+  // The backward produces the last parameters' gradients first and the first
+  // ones (the embedding) last, so buckets are cut from the end: the remainder
+  // lands at the start, and that first bucket, whose reduction starts when the
+  // backward is over and cannot overlap it, holds at most a quarter of a bucket.
+  const int64_t first_cap = round_up(std::max<int64_t>(1, target / 4));
+  std::vector<int64_t> starts;  // descending
+  for (int64_t end = numel_; end > 0;) {
+    int64_t start = std::max<int64_t>(0, end - target);
+    if (start < first_cap && end > first_cap) start = first_cap;
+    starts.push_back(start);
+    end = start;
+  }
+  std::reverse(starts.begin(), starts.end());
+  for (size_t i = 0; i < starts.size(); ++i) {
     FlatBucket b;
-    b.start = start;
-    b.numel = std::min(target, numel_ - start);
+    b.start = starts[i];
+    b.numel = (i + 1 < starts.size() ? starts[i + 1] : numel_) - b.start;
     b.padded = (b.numel + shards - 1) / shards * shards;
     b.shard_numel = b.padded / shards;
     b.own_begin = std::min(b.numel, shard_rank * b.shard_numel);

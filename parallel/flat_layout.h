@@ -32,7 +32,7 @@ class FlatLayout {
  public:
   // numels: elements of each parameter. shards: dp when ZeRO, else 1 (every rank
   // owns the whole bucket). bucket_numel: target bucket size (rounded up to a
-  // multiple of shards).
+  // multiple of shards); cut from the end, the first bucket at most a quarter of it.
   FlatLayout(const std::vector<int64_t>& numels, int64_t bucket_numel, int64_t shards, int64_t shard_rank);
 
   int64_t numel() const { return numel_; }
