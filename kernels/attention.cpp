@@ -233,7 +233,8 @@ AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tenso
 void sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                     const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
-                                    int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc) {
+                                    int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc,
+                                    SideJoin* join) {
   constexpr const char* fn = "sparse_attention_backward_into";
   if (!dq_acc.defined() || !dk_acc.defined() || !dv_acc.defined() || dq_acc.sizes() != q.sizes() ||
       dk_acc.sizes() != k.sizes() || dv_acc.sizes() != v.sizes()) {
@@ -246,7 +247,7 @@ void sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q,
   if (use_cuda(fn, options.backend, q, k, 0, options.block_size)) {
     check_block_ids(fn, block_ids, q, k.size(2), false);
     if (cuda::sparse_attention_backward_into(dout, q, k, v, out, lse, block_ids, options, q_start, k_start, dq_acc,
-                                             dk_acc, dv_acc)) {
+                                             dk_acc, dv_acc, join)) {
       return;
     }
   }
@@ -255,6 +256,19 @@ void sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q,
   dq_acc.add_(g.dq);
   dk_acc.add_(g.dk);
   dv_acc.add_(g.dv);
+}
+
+SideJoin::~SideJoin() {
+  try {
+    join();
+  } catch (...) {  // a destructor must not throw; the waits only order streams
+  }
+}
+
+void SideJoin::join() {
+  std::vector<std::function<void()>> waits;
+  waits.swap(waits_);
+  for (const auto& wait : waits) wait();
 }
 
 AttentionResult merge_partials(const AttentionResult& a, const AttentionResult& b) {

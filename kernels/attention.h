@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -123,14 +124,35 @@ AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tenso
                                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                          const at::Tensor& block_ids, const SparseOptions& options,
                                          int64_t q_start = 0, int64_t k_start = 0);
+// The current stream's waits for work a call left on side streams, held back so
+// consecutive calls queue their kernels back to back (the next call's dq starts
+// as the previous call's dK/dV kernels drain) and taken together by join() or
+// the destructor. The inputs of every deferred call must stay alive until then.
+class SideJoin {
+ public:
+  SideJoin() = default;
+  SideJoin(const SideJoin&) = delete;
+  SideJoin& operator=(const SideJoin&) = delete;
+  ~SideJoin();
+  // Makes the stream each deferred call ran on wait for that call's side work.
+  void join();
+  // For backends: one deferred wait.
+  void defer(std::function<void()> wait) { waits_.push_back(std::move(wait)); }
+
+ private:
+  std::vector<std::function<void()>> waits_;
+};
+
 // The same gradients added into accumulators shaped like q, k, v (e.g. fp32 rows
 // of a context-parallel rank's sums): the CUDA kernels add them in place (no
 // bf16 copies, no separate additions) when the accumulators are fp32 with
-// dims 1-3 contiguous and the options are not deterministic.
+// dims 1-3 contiguous and the options are not deterministic. With `join`, the
+// CUDA dK/dV side work is not waited for here but by join (see SideJoin).
 void sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                     const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
-                                    int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc);
+                                    int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc,
+                                    SideJoin* join = nullptr);
 
 // Merges two partial attention results over disjoint key sets (fp32 LSE merge).
 AttentionResult merge_partials(const AttentionResult& a, const AttentionResult& b);

@@ -33,7 +33,8 @@ AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tenso
 bool sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                     const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
-                                    int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc);
+                                    int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc,
+                                    SideJoin* join = nullptr);
 AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_ids,
                                int64_t block_size);
 // kernels::merge_into for fp32 CUDA accumulators; false (nothing done) when the

@@ -11,6 +11,7 @@
 
 #include <fmt/format.h>
 
+#include <memory>
 #include <optional>
 #include <stdexcept>
 
@@ -63,7 +64,7 @@ struct KvGradWork {
 Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_ids,
                            const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
                            const at::Tensor& dlse, const Shape& shape, bool deterministic, const KvGradWork& kv,
-                           const Accumulators* into = nullptr) {
+                           const Accumulators* into = nullptr, SideJoin* join = nullptr) {
   const c10::cuda::CUDAStream main_stream = at::cuda::getCurrentCUDAStream();
   at::cuda::CUDAEvent inputs_ready;  // before dq: an index built here waits only for the ids
   const bool build_index = kv.wanted && kv.prebuilt == nullptr;
@@ -165,6 +166,17 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
       g.dk.record_stream(main_stream);
       g.dv.record_stream(main_stream);
     }
+  }
+  if (join != nullptr && g.dk.defined()) join = nullptr;  // returned gradients: wait now
+  if (join != nullptr) {
+    // The side stream reads these after this call returns: their memory must not
+    // go back to the current stream's pool before it is done.
+    const at::Tensor* side_reads[] = {&q, &k, &v, &dout, &block_ids, &delta, &lse_log2};
+    for (const at::Tensor* t : side_reads) t->record_stream(side);
+    auto side_done = std::make_shared<at::cuda::CUDAEvent>();
+    side_done->record(side);
+    join->defer([side_done, main_stream] { side_done->block(main_stream); });
+    return g;
   }
   at::cuda::CUDAEvent side_done;
   side_done.record(side);
@@ -326,7 +338,7 @@ namespace {
 Gradients merged_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const at::Tensor& out, const at::Tensor& lse, const at::Tensor& block_ids,
                           const SparseOptions& options, int64_t q_start, int64_t k_start,
-                          const Accumulators* into) {
+                          const Accumulators* into, SideJoin* join = nullptr) {
   const Shape shape = checked_shape("sparse_attention_backward", q, k, v, block_ids, options, q_start, k_start);
   const c10::cuda::CUDAGuard guard(q.device());
   at::NoGradGuard no_grad;
@@ -335,7 +347,7 @@ Gradients merged_backward(const at::Tensor& dout, const at::Tensor& q, const at:
   const at::Tensor l = lse.to(at::kFloat).contiguous();
   const at::Tensor d = dout.to(at::kBFloat16).contiguous();
   return backward_kernels(qc, kc, vc, ids, o, l, d, at::Tensor(), shape, options.deterministic,
-                          KvGradWork{true, nullptr}, into);
+                          KvGradWork{true, nullptr}, into, join);
 }
 
 }  // namespace
@@ -343,14 +355,15 @@ Gradients merged_backward(const at::Tensor& dout, const at::Tensor& q, const at:
 bool sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                     const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
-                                    int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc) {
+                                    int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc,
+                                    SideJoin* join) {
   auto fits = [](const at::Tensor& acc, const at::Tensor& like) {
     return acc.scalar_type() == at::kFloat && acc.device() == like.device() && acc.sizes() == like.sizes() &&
            acc.stride(3) == 1 && acc.stride(2) == acc.size(3) && acc.stride(1) == acc.size(2) * acc.size(3);
   };
   if (options.deterministic || !fits(dq_acc, q) || !fits(dk_acc, k) || !fits(dv_acc, v)) return false;
   const Accumulators into{dq_acc, dk_acc, dv_acc};
-  merged_backward(dout, q, k, v, out, lse, block_ids, options, q_start, k_start, &into);
+  merged_backward(dout, q, k, v, out, lse, block_ids, options, q_start, k_start, &into, join);
   return true;
 }
 

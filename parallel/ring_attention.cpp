@@ -275,9 +275,10 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
   const at::Tensor g_sparse = grad_sparse.defined() ? grad_sparse.contiguous() : at::Tensor();
 
   // Adds one item's gradients, straight from the merged output and lse (no
-  // recomputed forward); the K/V gradients go into rows of dk_buf/dv_buf.
+  // recomputed forward); the K/V gradients go into rows of dk_buf/dv_buf. Sparse
+  // items given `join` leave their dK/dV side work for it to wait for.
   auto accumulate = [&](const WorkItem& w, const at::Tensor& kk, const at::Tensor& vv, at::Tensor& dk_buf,
-                        at::Tensor& dv_buf) {
+                        at::Tensor& dv_buf, kernels::SideJoin* join = nullptr) {
     const at::Tensor& g = w.sparse ? g_sparse : g_full;
     if (!g.defined()) return;  // that output received no gradient
     const at::Tensor& o = w.sparse ? outputs.out_sparse : outputs.out_full;
@@ -289,7 +290,7 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     at::Tensor dk_rows = dk_buf.narrow(1, w.kv_row, w.kv_len), dv_rows = dv_buf.narrow(1, w.kv_row, w.kv_len);
     if (w.sparse) {  // added in place by the CUDA kernels
       kernels::sparse_attention_backward_into(gq, qq, k_rows, v_rows, oq, lq, block_ids_of(setup, w), setup.options,
-                                              w.q_pos, w.k_pos, dq_rows, dk_rows, dv_rows);
+                                              w.q_pos, w.k_pos, dq_rows, dk_rows, dv_rows, join);
       return;
     }
     const kernels::AttentionGrads pg = kernels::full_attention_backward(gq, qq, k_rows, v_rows, oq, lq, w.q_pos, w.k_pos);
@@ -336,7 +337,15 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     if (kept) {  // everything that reads the assembled K/V (accumulate skips a stream without gradient)
       dkv_all = kv_zeros(outputs.k_all);
       at::Tensor dk_all = dkv_all[0], dv_all = dkv_all[1];
-      for (const WorkItem& w : assembled_sparse_work(setup)) accumulate(w, outputs.k_all, outputs.v_all, dk_all, dv_all);
+      {
+        // The sparse items' kernels back to back: the second's dq starts while
+        // the first's dK/dV drain; the full-stream calls after the join.
+        kernels::SideJoin join;
+        for (const WorkItem& w : assembled_sparse_work(setup)) {
+          accumulate(w, outputs.k_all, outputs.v_all, dk_all, dv_all, &join);
+        }
+        join.join();
+      }
       if (prefix_full) {
         for (const WorkItem& w : prefix_work(setup)) accumulate(w, outputs.k_all, outputs.v_all, dk_all, dv_all);
       }
