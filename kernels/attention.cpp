@@ -136,6 +136,31 @@ bool use_cuda(const char* fn, Backend backend, const at::Tensor& q, const at::Te
   return false;
 }
 
+// The start positions checks, and a two-run call's split inside [0, Sq] with the
+// late run after the early one.
+void check_rows(const char* fn, const QueryRows& rows, int64_t sq, int64_t k_start) {
+  check_starts(fn, rows.start, k_start);
+  if (rows.two() && (rows.split > sq || rows.late_start < rows.start + rows.split)) {
+    throw std::runtime_error(fmt::format(
+        "kernels::{}: two query runs need 0 <= split ({}) <= Sq ({}) and a late start ({}) >= start ({}) + split",
+        fn, rows.split, sq, rows.late_start, rows.start));
+  }
+}
+
+// The non-empty runs of consecutive positions of Sq query rows: what the
+// reference, which takes one start position, computes one call each.
+struct RowRun {
+  int64_t row = 0, len = 0, start = 0;
+};
+std::vector<RowRun> row_runs(const QueryRows& rows, int64_t sq) {
+  if (!rows.two()) return {{0, sq, rows.start}};
+  std::vector<RowRun> runs;
+  if (rows.split > 0) runs.push_back({0, rows.split, rows.start});
+  if (rows.split < sq) runs.push_back({rows.split, sq - rows.split, rows.late_start});
+  if (runs.empty()) runs.push_back({0, 0, rows.start});
+  return runs;
+}
+
 }  // namespace
 
 bool runs_on_cuda(Backend backend, const at::Tensor& q, const at::Tensor& k, int64_t top_k, int64_t block_size,
@@ -166,73 +191,96 @@ at::Tensor pool_keys(const at::Tensor& k, int64_t block_size) {
   return reference::pool_keys(k, block_size);
 }
 
-at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const SparseOptions& options, int64_t q_start) {
+at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const SparseOptions& options,
+                         QueryRows q_rows) {
   check_pooled("select_blocks", q, pooled);
   check_options("select_blocks", options);
-  check_starts("select_blocks", q_start, 0);
+  check_rows("select_blocks", q_rows, q.size(1), 0);
   if (q.size(1) > 0) {
-    const int64_t last_block = (q_start + q.size(1) - 1) / options.block_size;
+    const int64_t last = q_rows.position(q.size(1) - 1), last_block = last / options.block_size;
     if (last_block >= pooled.size(1)) {
       throw std::runtime_error(fmt::format(
           "kernels::select_blocks: the last query (position {}) is in block {}, but pooled covers only blocks "
           "[0, {}); pooled must cover every key the queries may see",
-          q_start + q.size(1) - 1, last_block, pooled.size(1)));
+          last, last_block, pooled.size(1)));
     }
   }
-  if (options.mode == SelectionMode::kQueryBlock && q_start % options.block_size != 0) {
+  if (options.mode == SelectionMode::kQueryBlock &&
+      (q_rows.start % options.block_size != 0 ||
+       (q_rows.two() && (q_rows.split % options.block_size != 0 || q_rows.late_start % options.block_size != 0)))) {
     throw std::runtime_error(
-        fmt::format("kernels::select_blocks: query_block selection needs q_start ({}) to be a multiple of "
-                    "block_size ({}) so no query block is split",
-                    q_start, options.block_size));
+        fmt::format("kernels::select_blocks: query_block selection needs the query rows' start ({}), split ({}) "
+                    "and late start ({}) to be multiples of block_size ({}) so no query block is split",
+                    q_rows.start, q_rows.split, q_rows.late_start, options.block_size));
   }
   if (use_cuda("select_blocks", options.backend, q, pooled, options.top_k, options.block_size)) {
 #ifdef SSA_WITH_CUDA
-    return cuda::select_blocks(q, pooled, options, q_start);
+    return cuda::select_blocks(q, pooled, options, q_rows);
 #endif
   }
-  return reference::select_blocks(q, pooled, options, q_start);
+  std::vector<at::Tensor> parts;
+  for (const RowRun& run : row_runs(q_rows, q.size(1))) {
+    parts.push_back(reference::select_blocks(q.narrow(1, run.row, run.len), pooled, options, run.start));
+  }
+  return parts.size() == 1 ? parts[0] : at::cat(parts, 1);
 }
 
 AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                 const at::Tensor& block_ids, const SparseOptions& options, QueryRows q_rows,
                                  int64_t k_start) {
   check_qkv("sparse_attention", q, k, v);
   check_options("sparse_attention", options);
-  check_starts("sparse_attention", q_start, k_start);
+  check_rows("sparse_attention", q_rows, q.size(1), k_start);
   const bool on_cuda = use_cuda("sparse_attention", options.backend, q, k, 0, options.block_size);
   // The CUDA path skips the value check: it would stall the stream with a sync
   // on every call, and its ids come from select_blocks.
   check_block_ids("sparse_attention", block_ids, q, k.size(2), !on_cuda);
   if (on_cuda) {
 #ifdef SSA_WITH_CUDA
-    return cuda::sparse_attention(q, k, v, block_ids, options, q_start, k_start);
+    return cuda::sparse_attention(q, k, v, block_ids, options, q_rows, k_start);
 #endif
   }
-  return reference::sparse_attention(q, k, v, block_ids, options.block_size, q_start, k_start);
+  std::vector<at::Tensor> outs, lses;
+  for (const RowRun& run : row_runs(q_rows, q.size(1))) {
+    const AttentionResult r = reference::sparse_attention(q.narrow(1, run.row, run.len), k, v,
+                                                          block_ids.narrow(1, run.row, run.len), options.block_size,
+                                                          run.start, k_start);
+    outs.push_back(r.out);
+    lses.push_back(r.lse);
+  }
+  if (outs.size() == 1) return {outs[0], lses[0]};
+  return {at::cat(outs, 1), at::cat(lses, 2)};
 }
 
 AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                         const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                         const at::Tensor& block_ids, const SparseOptions& options, QueryRows q_rows,
                                          int64_t k_start) {
   constexpr const char* fn = "sparse_attention_backward";
   check_merged_grad_inputs(fn, dout, q, k, v, out, lse);
   check_options(fn, options);
-  check_starts(fn, q_start, k_start);
+  check_rows(fn, q_rows, q.size(1), k_start);
   const bool on_cuda = use_cuda(fn, options.backend, q, k, 0, options.block_size);
   check_block_ids(fn, block_ids, q, k.size(2), !on_cuda);
   if (on_cuda) {
 #ifdef SSA_WITH_CUDA
-    return cuda::sparse_attention_backward(dout, q, k, v, out, lse, block_ids, options, q_start, k_start);
+    return cuda::sparse_attention_backward(dout, q, k, v, out, lse, block_ids, options, q_rows, k_start);
 #endif
   }
-  return reference::sparse_attention_backward(dout, q, k, v, out, lse, block_ids, options.block_size, q_start,
-                                              k_start);
+  std::vector<AttentionGrads> parts;
+  for (const RowRun& run : row_runs(q_rows, q.size(1))) {
+    auto rows = [&](const at::Tensor& t, int64_t dim) { return t.narrow(dim, run.row, run.len); };
+    parts.push_back(reference::sparse_attention_backward(rows(dout, 1), rows(q, 1), k, v, rows(out, 1), rows(lse, 2),
+                                                         rows(block_ids, 1), options.block_size, run.start,
+                                                         k_start));
+  }
+  if (parts.size() == 1) return parts[0];
+  return {at::cat({parts[0].dq, parts[1].dq}, 1), parts[0].dk + parts[1].dk, parts[0].dv + parts[1].dv};
 }
 
 void sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                    const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                    const at::Tensor& block_ids, const SparseOptions& options, QueryRows q_rows,
                                     int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc,
                                     SideJoin* join) {
   constexpr const char* fn = "sparse_attention_backward_into";
@@ -243,16 +291,16 @@ void sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q,
 #ifdef SSA_WITH_CUDA
   check_merged_grad_inputs(fn, dout, q, k, v, out, lse);
   check_options(fn, options);
-  check_starts(fn, q_start, k_start);
+  check_rows(fn, q_rows, q.size(1), k_start);
   if (use_cuda(fn, options.backend, q, k, 0, options.block_size)) {
     check_block_ids(fn, block_ids, q, k.size(2), false);
-    if (cuda::sparse_attention_backward_into(dout, q, k, v, out, lse, block_ids, options, q_start, k_start, dq_acc,
+    if (cuda::sparse_attention_backward_into(dout, q, k, v, out, lse, block_ids, options, q_rows, k_start, dq_acc,
                                              dk_acc, dv_acc, join)) {
       return;
     }
   }
 #endif
-  const AttentionGrads g = sparse_attention_backward(dout, q, k, v, out, lse, block_ids, options, q_start, k_start);
+  const AttentionGrads g = sparse_attention_backward(dout, q, k, v, out, lse, block_ids, options, q_rows, k_start);
   dq_acc.add_(g.dq);
   dk_acc.add_(g.dk);
   dv_acc.add_(g.dv);

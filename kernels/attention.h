@@ -30,6 +30,25 @@ struct AttentionResult {
   at::Tensor lse;  // [B, Hq, Sq] fp32
 };
 
+// Where the query rows of a call sit: row i at position start + i; or, for a
+// context-parallel rank's two zigzag chunks in one call, rows [0, split) from
+// start and rows [split, Sq) from late_start (late_start >= start + split, so
+// positions grow with the row). A plain position converts to one run.
+struct QueryRows {
+  int64_t start = 0;
+  int64_t split = -1;  // -1: one run
+  int64_t late_start = 0;
+  QueryRows(int64_t first = 0) : start(first) {}  // NOLINT(google-explicit-constructor): a position is one run
+  static QueryRows two_runs(int64_t start, int64_t split, int64_t late_start) {
+    QueryRows r(start);
+    r.split = split;
+    r.late_start = late_start;
+    return r;
+  }
+  bool two() const { return split >= 0; }
+  int64_t position(int64_t row) const { return two() && row >= split ? late_start + (row - split) : start + row; }
+};
+
 enum class SelectionMode {
   kToken,       // top-k per query token (the paper's)
   kQueryBlock,  // one top-k per block of block_size queries (MoBA-style)
@@ -97,18 +116,19 @@ at::Tensor pool_keys(const at::Tensor& k, int64_t block_size);
 // kept; the top_k best, ascending ids; -1 fills slots beyond the causal blocks.
 // Equal scores go to the lower block id. kQueryBlock: the queries of a query block
 // share one set, ranked by the mean over those queries of the group-summed scores
-// (the block's own block forced); needs q_start % block_size == 0, and a last
-// partial query block averages the queries it has.
+// (the block's own block forced); needs the rows' starts (and split) to be
+// multiples of block_size, and a last partial query block averages the queries
+// it has.
 //   pooled [B, Nb, Hkv, D] covers global blocks [0, Nb) (all keys the queries may see).
 at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const SparseOptions& options,
-                         int64_t q_start = 0);
+                         QueryRows q_rows = {});
 
 // Attention of each query over the keys of its selected blocks only (causal mask
 // inside the block that holds the query). k/v hold positions [k_start, k_start+Sk);
 // ids outside that range are skipped, so partial results over chunks can be merged.
 AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& block_ids, const SparseOptions& options,
-                                 int64_t q_start = 0, int64_t k_start = 0);
+                                 QueryRows q_rows = {}, int64_t k_start = 0);
 
 // Gradients of one part of a merged result whose part is a sparse attention call
 // (a context-parallel chunk pair of the sparse stream), from the MERGED out and
@@ -123,7 +143,7 @@ AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const
 AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                          const at::Tensor& block_ids, const SparseOptions& options,
-                                         int64_t q_start = 0, int64_t k_start = 0);
+                                         QueryRows q_rows = {}, int64_t k_start = 0);
 // The current stream's waits for work a call left on side streams, held back so
 // consecutive calls queue their kernels back to back (the next call's dq starts
 // as the previous call's dK/dV kernels drain) and taken together by join() or
@@ -150,7 +170,7 @@ class SideJoin {
 // CUDA dK/dV side work is not waited for here but by join (see SideJoin).
 void sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                    const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                    const at::Tensor& block_ids, const SparseOptions& options, QueryRows q_rows,
                                     int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc,
                                     SideJoin* join = nullptr);
 

@@ -16,23 +16,23 @@ bool available();
 // selection, so no top-k limit; any_float: q and k are converted to bf16 by the call.
 bool supports(const at::Tensor& q, const at::Tensor& k, int64_t top_k, int64_t block_size, bool any_float);
 at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const SparseOptions& options,
-                         int64_t q_start);
+                         QueryRows q_rows);
 // kernels::pool_keys in one kernel (fp32 result, no autograd); undefined when k
 // does not fit it (not a CUDA bf16/fp16/fp32 tensor, or it needs a gradient).
 at::Tensor pool_keys(const at::Tensor& k, int64_t block_size);
 AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                 const at::Tensor& block_ids, const SparseOptions& options, QueryRows q_rows,
                                  int64_t k_start);
 AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                         const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                         const at::Tensor& block_ids, const SparseOptions& options, QueryRows q_rows,
                                          int64_t k_start);
 // sparse_attention_backward adding its dq, dk, dv into fp32 accumulators shaped
 // like q, k, v (dims 1-3 contiguous, any batch stride); false (nothing done) when
 // they or the options (deterministic) do not fit, then the caller adds the results.
 bool sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                    const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                    const at::Tensor& block_ids, const SparseOptions& options, QueryRows q_rows,
                                     int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc,
                                     SideJoin* join = nullptr);
 AttentionStats attention_stats(const at::Tensor& q, const at::Tensor& k, const at::Tensor& block_ids,

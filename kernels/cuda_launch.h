@@ -12,6 +12,7 @@
 #include <limits>
 #include <stdexcept>
 
+#include "kernels/attention.h"
 #include "kernels/cuda/params.cuh"
 
 // Throws std::runtime_error naming the call, the CUDA error, file and line.
@@ -37,7 +38,7 @@ inline int to_int(const char* fn, const char* what, int64_t value) {
 
 // q [B, Sq, Hq, D] and k [B, Sk, Hkv, D] as the kernels take them.
 inline Shape make_shape(const char* fn, const at::Tensor& q, const at::Tensor& k, int64_t top_k, int64_t block_size,
-                        int64_t q_start, int64_t k_start) {
+                        QueryRows q_rows, int64_t k_start) {
   Shape s;
   s.batch = to_int(fn, "batch", q.size(0));
   s.sq = to_int(fn, "Sq", q.size(1));
@@ -47,8 +48,13 @@ inline Shape make_shape(const char* fn, const at::Tensor& q, const at::Tensor& k
   s.hkv = to_int(fn, "Hkv", k.size(2));
   s.top_k = to_int(fn, "top_k", top_k);
   s.block_size = to_int(fn, "block_size", block_size);
-  s.q_start = q_start;
+  s.q_start = q_rows.start;
   s.k_start = k_start;
+  if (q_rows.two()) {
+    s.q_split = q_rows.split;
+    s.q_start_late = q_rows.late_start;
+  }
+  const int64_t q_end = s.sq > 0 ? q_rows.position(s.sq - 1) + 1 : q_rows.start;
   if (!head_dim_supported(s.head_dim)) {
     throw std::runtime_error(
         fmt::format("kernels::cuda::{}: head dim {} has no CUDA kernel (supported: 64, 128)", fn, s.head_dim));
@@ -57,11 +63,11 @@ inline Shape make_shape(const char* fn, const at::Tensor& q, const at::Tensor& k
     throw std::runtime_error(fmt::format("kernels::cuda::{}: {} query heads per kv head; the kernels take at most {}",
                                          fn, s.group(), kMaxGroup));
   }
-  if (q_start < 0 || k_start < 0 || q_start + s.sq > std::numeric_limits<int>::max() ||
+  if (q_rows.start < 0 || k_start < 0 || q_end > std::numeric_limits<int>::max() ||
       k_start + s.sk > std::numeric_limits<int>::max()) {
     throw std::runtime_error(fmt::format(
         "kernels::cuda::{}: positions q [{}, {}) and k [{}, {}) must lie in [0, 2^31) for the CUDA kernels", fn,
-        q_start, q_start + s.sq, k_start, k_start + s.sk));
+        q_rows.start, q_end, k_start, k_start + s.sk));
   }
   if (block_size % kKeyTile != 0) {
     throw std::runtime_error(fmt::format(

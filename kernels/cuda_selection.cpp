@@ -15,7 +15,7 @@
 namespace ssa::kernels::cuda {
 
 at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const SparseOptions& options,
-                         int64_t q_start) {
+                         QueryRows q_rows) {
   const char* fn = "select_blocks";
   at::NoGradGuard no_grad;  // the router receives no gradient
   require_bf16(fn, "q", q);
@@ -28,7 +28,7 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
                                          options.top_k, kMaxTopK));
   }
   // pooled [B, Nb, Hkv, D] is laid out like k for make_shape (Sk unused here).
-  const Shape shape = make_shape(fn, q, pooled, options.top_k, options.block_size, q_start, 0);
+  const Shape shape = make_shape(fn, q, pooled, options.top_k, options.block_size, q_rows, 0);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor ids = at::empty({q.size(0), q.size(1), pooled.size(2), options.top_k}, q.options().dtype(at::kInt));
   if (q.size(1) == 0) return ids;

@@ -247,11 +247,11 @@ InvertedIndex load_index(AutogradContext* ctx) {
 // The checks shared by the forward and the merged backward: bf16 CUDA q, k, v,
 // a shape the kernels take, int32 block ids on q's device.
 Shape checked_shape(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start, int64_t k_start) {
+                    const at::Tensor& block_ids, const SparseOptions& options, QueryRows q_rows, int64_t k_start) {
   require_bf16(fn, "q", q);
   require_bf16(fn, "k", k);
   require_bf16(fn, "v", v);
-  const Shape shape = make_shape(fn, q, k, block_ids.size(3), options.block_size, q_start, k_start);
+  const Shape shape = make_shape(fn, q, k, block_ids.size(3), options.block_size, q_rows, k_start);
   if (block_ids.scalar_type() != at::kInt || block_ids.device() != q.device()) {
     throw std::runtime_error(fmt::format("kernels::cuda::{}: block_ids must be int32 on {}", fn, q.device().str()));
   }
@@ -262,9 +262,10 @@ Shape checked_shape(const char* fn, const at::Tensor& q, const at::Tensor& k, co
 class SparseAttentionFunction : public torch::autograd::Function<SparseAttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& block_ids, int64_t block_size, int64_t q_start, int64_t k_start,
-                               bool deterministic, bool kv_grad) {
-    const Shape shape = make_shape("sparse_attention", q, k, block_ids.size(3), block_size, q_start, k_start);
+                               const at::Tensor& block_ids, int64_t block_size, int64_t q_start, int64_t q_split,
+                               int64_t q_start_late, int64_t k_start, bool deterministic, bool kv_grad) {
+    const QueryRows q_rows = q_split < 0 ? QueryRows(q_start) : QueryRows::two_runs(q_start, q_split, q_start_late);
+    const Shape shape = make_shape("sparse_attention", q, k, block_ids.size(3), block_size, q_rows, k_start);
     // Undefined output gradients stay undefined (no zero-filled dlse).
     ctx->set_materialize_grads(false);
     at::cuda::CUDAEvent ids_ready;
@@ -278,6 +279,8 @@ class SparseAttentionFunction : public torch::autograd::Function<SparseAttention
     ctx->save_for_backward({q, k, v, block_ids, r.out, r.lse});
     ctx->saved_data["block_size"] = block_size;
     ctx->saved_data["q_start"] = q_start;
+    ctx->saved_data["q_split"] = q_split;
+    ctx->saved_data["q_start_late"] = q_start_late;
     ctx->saved_data["k_start"] = k_start;
     ctx->saved_data["deterministic"] = deterministic;
     ctx->saved_data["has_index"] = kv_grad;
@@ -288,9 +291,12 @@ class SparseAttentionFunction : public torch::autograd::Function<SparseAttention
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &block_ids = saved[3], &out = saved[4],
                      &lse = saved[5];
+    const int64_t q_split = ctx->saved_data["q_split"].toInt();
+    const QueryRows q_rows = q_split < 0 ? QueryRows(ctx->saved_data["q_start"].toInt())
+                                         : QueryRows::two_runs(ctx->saved_data["q_start"].toInt(), q_split,
+                                                               ctx->saved_data["q_start_late"].toInt());
     const Shape shape = make_shape("sparse_attention backward", q, k, block_ids.size(3),
-                                   ctx->saved_data["block_size"].toInt(), ctx->saved_data["q_start"].toInt(),
-                                   ctx->saved_data["k_start"].toInt());
+                                   ctx->saved_data["block_size"].toInt(), q_rows, ctx->saved_data["k_start"].toInt());
     const c10::cuda::CUDAGuard guard(q.device());
     at::Tensor dout = grads[0].defined() ? grads[0].to(at::kBFloat16).contiguous() : at::zeros_like(out);
     at::Tensor dlse = grads[1].defined() ? grads[1].to(at::kFloat).contiguous() : at::Tensor();
@@ -317,15 +323,15 @@ bool supports(const at::Tensor& q, const at::Tensor& k, int64_t top_k, int64_t b
 }
 
 AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                 const at::Tensor& block_ids, const SparseOptions& options, QueryRows q_rows,
                                  int64_t k_start) {
-  checked_shape("sparse_attention", q, k, v, block_ids, options, q_start, k_start);
+  checked_shape("sparse_attention", q, k, v, block_ids, options, q_rows, k_start);
   const c10::cuda::CUDAGuard guard(q.device());
   // dk / dv will be asked for: build their index during the forward.
   const bool kv_grad = at::GradMode::is_enabled() && (k.requires_grad() || v.requires_grad());
-  const variable_list r = SparseAttentionFunction::apply(q.contiguous(), k.contiguous(), v.contiguous(),
-                                                         block_ids.contiguous(), options.block_size, q_start, k_start,
-                                                         options.deterministic, kv_grad);
+  const variable_list r = SparseAttentionFunction::apply(
+      q.contiguous(), k.contiguous(), v.contiguous(), block_ids.contiguous(), options.block_size, q_rows.start,
+      q_rows.split, q_rows.late_start, k_start, options.deterministic, kv_grad);
   return {r[0], r[1]};
 }
 
@@ -337,9 +343,9 @@ namespace {
 // gradients there instead of returning them.
 Gradients merged_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const at::Tensor& out, const at::Tensor& lse, const at::Tensor& block_ids,
-                          const SparseOptions& options, int64_t q_start, int64_t k_start,
+                          const SparseOptions& options, QueryRows q_rows, int64_t k_start,
                           const Accumulators* into, SideJoin* join = nullptr) {
-  const Shape shape = checked_shape("sparse_attention_backward", q, k, v, block_ids, options, q_start, k_start);
+  const Shape shape = checked_shape("sparse_attention_backward", q, k, v, block_ids, options, q_rows, k_start);
   const c10::cuda::CUDAGuard guard(q.device());
   at::NoGradGuard no_grad;
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), ids = block_ids.contiguous();
@@ -354,7 +360,7 @@ Gradients merged_backward(const at::Tensor& dout, const at::Tensor& q, const at:
 
 bool sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                    const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                    const at::Tensor& block_ids, const SparseOptions& options, QueryRows q_rows,
                                     int64_t k_start, at::Tensor& dq_acc, at::Tensor& dk_acc, at::Tensor& dv_acc,
                                     SideJoin* join) {
   auto fits = [](const at::Tensor& acc, const at::Tensor& like) {
@@ -363,15 +369,15 @@ bool sparse_attention_backward_into(const at::Tensor& dout, const at::Tensor& q,
   };
   if (options.deterministic || !fits(dq_acc, q) || !fits(dk_acc, k) || !fits(dv_acc, v)) return false;
   const Accumulators into{dq_acc, dk_acc, dv_acc};
-  merged_backward(dout, q, k, v, out, lse, block_ids, options, q_start, k_start, &into, join);
+  merged_backward(dout, q, k, v, out, lse, block_ids, options, q_rows, k_start, &into, join);
   return true;
 }
 
 AttentionGrads sparse_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                         const at::Tensor& block_ids, const SparseOptions& options, int64_t q_start,
+                                         const at::Tensor& block_ids, const SparseOptions& options, QueryRows q_rows,
                                          int64_t k_start) {
-  const Gradients g = merged_backward(dout, q, k, v, out, lse, block_ids, options, q_start, k_start, nullptr);
+  const Gradients g = merged_backward(dout, q, k, v, out, lse, block_ids, options, q_rows, k_start, nullptr);
   return {g.dq, g.dk, g.dv};
 }
 

@@ -69,12 +69,9 @@ int64_t select_global_blocks(RingSetup& setup, const at::Tensor& q, const at::Te
   const at::Tensor by_chunk = at::stack(in_order);
   const at::Tensor pooled = by_chunk.permute({1, 0, 2, 3, 4}).reshape(
       {by_chunk.size(1), z.chunks() * nbc, by_chunk.size(3), by_chunk.size(4)});
+  select_local_blocks(setup, q, pooled);
   std::vector<at::Tensor> chunk_of_block;
-  for (int64_t a = 0; a < 2; ++a) {
-    const int64_t g = z.global_chunk(a);
-    at::Tensor ids = kernels::select_blocks(q.detach().narrow(1, a * c, c), pooled.narrow(1, 0, (g + 1) * nbc),
-                                            setup.options, z.position(a));
-    setup.block_ids[static_cast<size_t>(a)] = ids;
+  for (const at::Tensor& ids : setup.block_ids) {
     // Chunk of every selected block, -1 slots to an extra bin.
     const at::Tensor ids64 = ids.to(at::kLong);
     chunk_of_block.push_back(at::where(ids64 >= 0, ids64.div(nbc, "floor"), at::full_like(ids64, z.chunks())).reshape({-1}));
@@ -268,7 +265,7 @@ AttentionStreams attention_streams(const at::Tensor& q, const at::Tensor& k, con
     *memo = AttentionMemo();
     int64_t ring_bytes = 0, selected_bytes = 0;
     const auto outs = context_attention_autograd(setup, q, k, v, &ring_bytes, &selected_bytes, &given);
-    if (request.sparse) result.block_ids = at::cat({setup->block_ids[0], setup->block_ids[1]}, 1);
+    if (request.sparse) result.block_ids = setup->local_block_ids;
     result.full = outs[0];
     result.sparse = outs[1];
     result.sparse_transport = request.sparse ? setup->transport : SparseTransport::kNone;
@@ -309,7 +306,7 @@ AttentionStreams attention_streams(const at::Tensor& q, const at::Tensor& k, con
   } else {
     outs = context_attention_autograd(setup, q, k, v, &ring_bytes, &selected_bytes);
   }
-  if (request.sparse) result.block_ids = at::cat({setup->block_ids[0], setup->block_ids[1]}, 1);
+  if (request.sparse) result.block_ids = setup->local_block_ids;
   result.full = outs[0];
   result.sparse = outs[1];
   result.sparse_transport = request.sparse ? setup->transport : SparseTransport::kNone;

@@ -31,6 +31,7 @@ P2PBatch pass_pair(Communicator& comm, int left, int right, const at::Tensor& a,
 }
 
 const at::Tensor& block_ids_of(const RingSetup& s, const WorkItem& w) {
+  if (w.slot < 0) return s.local_block_ids;
   return w.compact ? s.compact_block_ids[static_cast<size_t>(w.slot)] : s.block_ids[static_cast<size_t>(w.slot)];
 }
 
@@ -39,7 +40,7 @@ kernels::AttentionResult attend_rows(const RingSetup& s, const WorkItem& w, cons
                                      const at::Tensor& v) {
   const at::Tensor qq = q.narrow(1, w.q_row, w.q_len);
   const at::Tensor kk = k.narrow(1, w.kv_row, w.kv_len), vv = v.narrow(1, w.kv_row, w.kv_len);
-  if (!w.sparse) return kernels::full_attention(qq, kk, vv, w.q_pos, w.k_pos);
+  if (!w.sparse) return kernels::full_attention(qq, kk, vv, w.q_pos.start, w.k_pos);
   return kernels::sparse_attention(qq, kk, vv, block_ids_of(s, w), s.options, w.q_pos, w.k_pos);
 }
 
@@ -75,12 +76,18 @@ std::vector<WorkItem> prefix_work(const RingSetup& setup) {
 
 std::vector<WorkItem> assembled_sparse_work(const RingSetup& setup) {
   const ZigzagLayout& z = setup.layout;
-  std::vector<WorkItem> items;
-  for (int64_t a = 0; a < 2; ++a) {
-    const int64_t keys = (z.global_chunk(a) + 1) * z.chunk;  // causal: chunks up to my own
-    items.push_back({true, a * z.chunk, z.chunk, 0, keys, z.position(a), 0, a, false});
-  }
-  return items;
+  const int64_t keys = (z.global_chunk(1) + 1) * z.chunk;  // causal: chunks up to my late one
+  return {{true, 0, 2 * z.chunk, 0, keys, setup.local_rows(), 0, -1, false}};
+}
+
+void select_local_blocks(RingSetup& setup, const at::Tensor& q, const at::Tensor& pooled) {
+  at::NoGradGuard no_grad;  // the router has no gradient
+  const ZigzagLayout& z = setup.layout;
+  const int64_t blocks = (z.global_chunk(1) + 1) * (z.chunk / setup.options.block_size);
+  const at::Tensor ids =
+      kernels::select_blocks(q.detach(), pooled.narrow(1, 0, blocks), setup.options, setup.local_rows());
+  setup.local_block_ids = ids;
+  for (int64_t a = 0; a < 2; ++a) setup.block_ids[static_cast<size_t>(a)] = ids.narrow(1, a * z.chunk, z.chunk);
 }
 
 std::vector<WorkItem> ring_work(const RingSetup& setup, int64_t src) {
@@ -226,19 +233,15 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
     }
     if (gather) {
       if (setup.select_on_ring) {
-        at::NoGradGuard no_grad;  // the router has no gradient
-        const int64_t bs = setup.options.block_size, nbc = z.chunk / bs;
-        const at::Tensor pooled = kernels::pool_keys(out.k_all, bs);  // [B, S / bs, Hkv, D]
-        for (int64_t a = 0; a < 2; ++a) {
-          setup.block_ids[static_cast<size_t>(a)] =
-              kernels::select_blocks(q.detach().narrow(1, a * z.chunk, z.chunk),
-                                     pooled.narrow(1, 0, (z.global_chunk(a) + 1) * nbc), setup.options, z.position(a));
-        }
+        at::NoGradGuard no_grad;
+        select_local_blocks(setup, q, kernels::pool_keys(out.k_all, setup.options.block_size));
       }
-      std::vector<kernels::AttentionResult> parts;
-      for (const WorkItem& w : assembled_sparse_work(setup)) parts.push_back(attend_rows(setup, w, q, out.k_all, out.v_all));
-      out.out_sparse = at::cat({parts[0].out, parts[1].out}, 1).to(q.scalar_type());
-      out.lse_sparse = at::cat({parts[0].lse, parts[1].lse}, 2).to(acc.dtype());
+      // Both local chunks in one call (one item).
+      for (const WorkItem& w : assembled_sparse_work(setup)) {
+        const kernels::AttentionResult r = attend_rows(setup, w, q, out.k_all, out.v_all);
+        out.out_sparse = r.out.to(q.scalar_type());
+        out.lse_sparse = r.lse.to(acc.dtype());
+      }
     }
   }
   if (full) {
@@ -293,7 +296,8 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
                                               w.q_pos, w.k_pos, dq_rows, dk_rows, dv_rows, join);
       return;
     }
-    const kernels::AttentionGrads pg = kernels::full_attention_backward(gq, qq, k_rows, v_rows, oq, lq, w.q_pos, w.k_pos);
+    const kernels::AttentionGrads pg =
+        kernels::full_attention_backward(gq, qq, k_rows, v_rows, oq, lq, w.q_pos.start, w.k_pos);
     add_dq_term(w.q_row, pg.dq);
     dk_rows.add_(pg.dk);
     dv_rows.add_(pg.dv);
@@ -338,8 +342,8 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
       dkv_all = kv_zeros(outputs.k_all);
       at::Tensor dk_all = dkv_all[0], dv_all = dkv_all[1];
       {
-        // The sparse items' kernels back to back: the second's dq starts while
-        // the first's dK/dV drain; the full-stream calls after the join.
+        // Sparse items' kernels back to back (the next dq starts while the dK/dV
+        // before it drain); the full-stream calls after the join.
         kernels::SideJoin join;
         for (const WorkItem& w : assembled_sparse_work(setup)) {
           accumulate(w, outputs.k_all, outputs.v_all, dk_all, dv_all, &join);

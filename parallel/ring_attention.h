@@ -29,7 +29,10 @@ struct RingSetup : torch::CustomClassHolder {
   // kRing with the full stream: block_ids are chosen inside the forward from the
   // K/V assembled on the ring (no pooled-key all-gather); else before it.
   bool select_on_ring = false;
-  std::array<at::Tensor, 2> block_ids;  // [B, c, Hkv, K] int32 per local q chunk (sparse stream)
+  // [B, 2c, Hkv, K] int32: both local q chunks' block ids (sparse stream), chosen
+  // in one call (select_local_blocks); block_ids[a] are chunk a's rows of it.
+  at::Tensor local_block_ids;
+  std::array<at::Tensor, 2> block_ids;
   // needed[a * 2cp + g]: local q chunk a selected some block of global chunk g
   // (sparse stream alone: it plans the selected-block transport).
   std::vector<uint8_t> needed;
@@ -39,15 +42,25 @@ struct RingSetup : torch::CustomClassHolder {
   bool chunk_needed(int64_t slot, int64_t g) const {
     return needed[static_cast<size_t>(slot * layout.chunks() + g)] != 0;
   }
+  // Both chunks' query rows: [0, c) at my early chunk's position, [c, 2c) at the late one's.
+  kernels::QueryRows local_rows() const {
+    return kernels::QueryRows::two_runs(layout.position(0), layout.chunk, layout.position(1));
+  }
 };
+
+// Selects both local q chunks' blocks in one call from the pooled keys of the
+// global blocks [0, Nb) (Nb reaching at least my late chunk); fills
+// setup.local_block_ids and setup.block_ids.
+void select_local_blocks(RingSetup& setup, const at::Tensor& q, const at::Tensor& pooled);
 
 // One kernel call: rows of the local q against rows of a K/V buffer.
 struct WorkItem {
   bool sparse = false;
   int64_t q_row = 0, q_len = 0;
   int64_t kv_row = 0, kv_len = 0;
-  int64_t q_pos = 0, k_pos = 0;  // positions given to the kernel (see ring_work)
-  int64_t slot = 0;              // local q chunk (which block ids)
+  kernels::QueryRows q_pos;       // positions given to the kernel (see ring_work): one run, except
+  int64_t k_pos = 0;              // a sparse item over both local chunks (RingSetup::local_rows)
+  int64_t slot = 0;               // local q chunk (which block ids); -1: both chunks
   bool compact = false;          // reads the compact selected-block buffer
 };
 
@@ -62,7 +75,8 @@ bool full_on_prefix(const RingSetup& setup);
 //                  in local order; reads my own K/V);
 //   prefix_work:   my chunks on every earlier chunk (full stream, unmasked; one
 //                  call for both chunks' common prefix, one for the late chunk's rest);
-//   assembled_sparse_work: each local q chunk's sparse call over chunks up to its own.
+//   assembled_sparse_work: one sparse call for both local q chunks over the chunks
+//                  up to the late one (each query sees only its causal blocks).
 std::vector<WorkItem> diagonal_work(const RingSetup& setup);
 std::vector<WorkItem> prefix_work(const RingSetup& setup);
 std::vector<WorkItem> assembled_sparse_work(const RingSetup& setup);

@@ -18,7 +18,7 @@ __device__ __forceinline__ int64_t counter_slot(const InvertedIndexParams& p, in
   const int64_t first_key = static_cast<int64_t>(id) * s.block_size;
   const int64_t visible_from = first_key > s.k_start ? first_key : s.k_start;
   const int jr = id - p.block_first;
-  if (id < 0 || jr < 0 || jr >= p.blocks_per_chunk || visible_from > s.q_start + t) return -1;
+  if (id < 0 || jr < 0 || jr >= p.blocks_per_chunk || visible_from > s.q_pos(t)) return -1;
   const int sub = t / p.sub_chunk;
   const int tc = sub / p.subs_per_chunk, sub_in_chunk = sub % p.subs_per_chunk;
   const int64_t bucket = ((static_cast<int64_t>(b) * s.hkv + h) * p.n_token_chunks + tc) * p.blocks_per_chunk + jr;

@@ -24,6 +24,14 @@ struct Shape {
   int batch = 0, sq = 0, sk = 0, hq = 0, hkv = 0, head_dim = 0;
   int top_k = 0, block_size = 0;
   int64_t q_start = 0, k_start = 0;  // global positions of q row 0 and k row 0
+  // Rows from q_split on sit at q_start_late + (row - q_split): a context-parallel
+  // rank's two zigzag chunks in one call (q_start_late >= q_start + q_split, so
+  // positions grow with the row). q_split >= sq: one run from q_start.
+  int64_t q_split = INT64_MAX, q_start_late = 0;
+#ifdef __CUDACC__
+  __host__ __device__
+#endif
+  int64_t q_pos(int64_t row) const { return row < q_split ? q_start + row : q_start_late + (row - q_split); }
   int group() const { return hq / hkv; }
 };
 

@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
     for (int i = 0; i < kTokens; ++i) {
       token[i] = t_begin + round * per_round + warp * kTokens + i;
       const bool valid = token[i] < t_end;
-      n_causal[i] = valid ? static_cast<int>((s.q_start + token[i]) / bs) + 1 : 0;
+      n_causal[i] = valid ? static_cast<int>(s.q_pos(token[i]) / bs) + 1 : 0;
       if (valid) causal_min = min(causal_min, n_causal[i]);
     }
 #pragma unroll
@@ -386,7 +386,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
   int32_t* chosen = reinterpret_cast<int32_t*>(colsum);  // reuse: [top_k]
   __syncthreads();
   if (warp == 0) {
-    const int n_causal = static_cast<int>((s.q_start + t_begin) / bs) + 1;
+    const int n_causal = static_cast<int>(s.q_pos(t_begin) / bs) + 1;
     const int own = n_causal - 1;
     TopK best;
     best.init(lane, own);

@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) select_wgmma_kernel(const Sele
 #pragma unroll
   for (int i = 0; i < kTokens; ++i) {
     token[i] = t_begin + warp * kTokens + i;
-    n_causal[i] = token[i] < t_end ? static_cast<int>((s.q_start + token[i]) / bs) + 1 : 0;
+    n_causal[i] = token[i] < t_end ? static_cast<int>(s.q_pos(token[i]) / bs) + 1 : 0;
   }
   auto token_of = [](int u, int r) { return u * kRowTokens + (kRowTokens == 2 ? r : 0); };
 

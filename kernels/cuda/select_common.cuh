@@ -49,7 +49,7 @@ struct SelectTile {
     b = static_cast<int>(cta / s.hkv);
     t_begin = tile * tile_tokens;
     t_end = min(s.sq, t_begin + tile_tokens);
-    n_blocks = min(p.n_blocks, static_cast<int>((s.q_start + t_end - 1) / s.block_size) + 1);
+    n_blocks = min(p.n_blocks, static_cast<int>(s.q_pos(t_end - 1) / s.block_size) + 1);  // positions grow with rows
     n_chunks = (n_blocks + kChunk - 1) / kChunk;
     const int64_t bh = static_cast<int64_t>(b) * s.hkv + kvh;
     hi = p.pooled_hi + bh * p.n_blocks * kD;

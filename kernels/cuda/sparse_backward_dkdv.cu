@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 3 : 1) backward_dkdv_k
     const float* lse2 = stage0_f + slot * (stage_bytes<kD>() / 4) + 2 * tile_bytes<kD>() / 4;
     const float* delta = lse2 + 16;
     const int e = it.begin + u / mtiles;
-    const int64_t qpos = s.q_start + p.entry_token[e];
+    const int64_t qpos = s.q_pos(p.entry_token[e]);
     if (!kKvInRegisters) load_kv();
 
     float st[2][4], dpt[2][4];  // [keys x query rows]

@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_forward_kernel(const Forwa
   w /= s.sq;
   const int kvh = static_cast<int>(w % s.hkv);
   const int b = static_cast<int>(w / s.hkv);
-  const int qpos = static_cast<int>(s.q_start) + t;
+  const int qpos = static_cast<int>(s.q_pos(t));
   const int head0 = kvh * group_size + mt * 16;
   const int rows_valid = min(16, group_size - mt * 16);
   const int group = lane >> 2, tig = lane & 3;

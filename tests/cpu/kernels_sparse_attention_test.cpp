@@ -190,6 +190,47 @@ TEST(SparseAttention, RowsWithoutVisibleKeysAreEmptyWithFiniteGradients) {
   for (const auto& t : g) EXPECT_FALSE(at::isnan(t).any().item<bool>());
 }
 
+// Two runs of query positions in one call (a context-parallel rank's zigzag
+// chunks) equal one call per run: selection, output, lse and gradients; a split
+// outside the rows or a late run starting inside the early one is refused.
+TEST(SparseAttention, TwoQueryRunsEqualOneCallPerRun) {
+  const int64_t c = 8, sk = 32, bs = 4;
+  const SparseOptions opt = options_of(bs, 3);
+  const at::Tensor q = randn({2, 2 * c, 4, 8}), k = randn({2, sk, 2, 8}), v = randn({2, sk, 2, 8});
+  const QueryRows rows = QueryRows::two_runs(c, c, 2 * c);  // chunks 1 and 2 of 4
+  const at::Tensor pooled = pool_keys(k, bs);
+  const at::Tensor ids = select_blocks(q, pooled, opt, rows);
+  const at::Tensor early_ids = select_blocks(q.narrow(1, 0, c), pooled, opt, c);
+  const at::Tensor late_ids = select_blocks(q.narrow(1, c, c), pooled, opt, 2 * c);
+  EXPECT_TRUE(at::equal(ids, at::cat({early_ids, late_ids}, 1)));
+
+  const at::Tensor ql = q.clone().requires_grad_(true), kl = k.clone().requires_grad_(true);
+  const AttentionResult both = sparse_attention(ql, kl, v, ids, opt, rows, 0);
+  const AttentionResult early = sparse_attention(q.narrow(1, 0, c), k, v, early_ids, opt, c, 0);
+  const AttentionResult late = sparse_attention(q.narrow(1, c, c), k, v, late_ids, opt, 2 * c, 0);
+  expect_close(both.out, at::cat({early.out, late.out}, 1), 1e-6, 1e-6, "out");
+  expect_close(both.lse, at::cat({early.lse, late.lse}, 2), 1e-6, 1e-6, "lse");
+
+  // The merged-result backward over both runs equals autograd through the call.
+  const at::Tensor dout = randn({2, 2 * c, 4, 8});
+  (both.out * dout).sum().backward();
+  const AttentionGrads g = sparse_attention_backward(dout, q, k, v, both.out.detach(), both.lse.detach(), ids, opt,
+                                                     rows, 0);
+  expect_close(g.dq, ql.grad(), 1e-5, 1e-5, "dq");
+  expect_close(g.dk, kl.grad(), 1e-5, 1e-5, "dk");
+  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  sparse_attention_backward_into(dout, q, k, v, both.out.detach(), both.lse.detach(), ids, opt, rows, 0, dq, dk, dv);
+  expect_close(dq, g.dq, 1e-6, 1e-6, "dq into");
+  expect_close(dv, g.dv, 1e-6, 1e-6, "dv into");
+
+  EXPECT_THROW(select_blocks(q, pooled, opt, QueryRows::two_runs(c, 2 * c + 1, 4 * c)), std::runtime_error);
+  EXPECT_THROW(sparse_attention(q, k, v, ids, opt, QueryRows::two_runs(c, c, c + 2)), std::runtime_error);
+  SparseOptions by_block = opt;
+  by_block.mode = SelectionMode::kQueryBlock;
+  EXPECT_NO_THROW(select_blocks(q, pooled, by_block, rows));
+  EXPECT_THROW(select_blocks(q, pooled, by_block, QueryRows::two_runs(c, c, 2 * c + 2)), std::runtime_error);
+}
+
 TEST(SparseAttention, RejectsBadBlockIds) {
   const at::Tensor q = randn({1, 4, 2, 4}), k = randn({1, 4, 2, 4}), v = randn({1, 4, 2, 4});
   const SparseOptions opt = options_of(2, 2);

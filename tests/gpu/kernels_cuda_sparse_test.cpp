@@ -175,6 +175,56 @@ TEST(CudaSparseAttention, BackwardFromMergedResultPerKeyChunk) {
   EXPECT_LT(relative_error(got.dv, want.dv), 2e-2);
 }
 
+// A context-parallel rank's two zigzag chunks in one call (two runs of query
+// positions) give what one call per chunk gives: the same selection, output and
+// lse, and gradients (dK/dV up to the atomics' order), with the dK/dV join
+// deferred to a SideJoin.
+TEST(CudaSparseAttention, TwoQueryRunsMatchOneCallPerRun) {
+  SSA_REQUIRE_GPU();
+  at::manual_seed(23);
+  // cp = 2, rank 0: chunks 0 and 3 of 4 (64 rows each) over all 256 keys.
+  const int64_t c = 64, sk = 256, hq = 16, hkv = 2, d = 64, bs = 16, top_k = 4;
+  const at::Tensor q = at::randn({1, 2 * c, hq, d}, gpu()), k = at::randn({1, sk, hkv, d}, gpu()),
+                   v = at::randn({1, sk, hkv, d}, gpu()), dout = at::randn({1, 2 * c, hq, d}, gpu());
+  SparseOptions opt;
+  opt.block_size = bs;
+  opt.top_k = top_k;
+  opt.backend = Backend::kCuda;
+  const QueryRows rows = QueryRows::two_runs(0, c, 3 * c);
+  at::NoGradGuard no_grad;
+  const at::Tensor pooled = pool_keys(k, bs);
+  const at::Tensor ids = select_blocks(q, pooled, opt, rows);
+  const at::Tensor ids_early = select_blocks(q.narrow(1, 0, c), pooled.narrow(1, 0, c / bs), opt, 0);
+  const at::Tensor ids_late = select_blocks(q.narrow(1, c, c), pooled, opt, 3 * c);
+  EXPECT_TRUE(at::equal(ids, at::cat({ids_early, ids_late}, 1)));
+
+  const AttentionResult both = sparse_attention(q, k, v, ids, opt, rows, 0);
+  const AttentionResult early = sparse_attention(q.narrow(1, 0, c), k.narrow(1, 0, c), v.narrow(1, 0, c),
+                                                 ids.narrow(1, 0, c), opt, 0, 0);
+  const AttentionResult late = sparse_attention(q.narrow(1, c, c), k, v, ids.narrow(1, c, c), opt, 3 * c, 0);
+  EXPECT_TRUE(at::equal(both.out, at::cat({early.out, late.out}, 1)));
+  EXPECT_TRUE(at::equal(both.lse, at::cat({early.lse, late.lse}, 2)));
+
+  auto zeros_like_f32 = [](const at::Tensor& t) { return at::zeros(t.sizes(), gpu(at::kFloat)); };
+  at::Tensor dq = zeros_like_f32(q), dk = zeros_like_f32(k), dv = zeros_like_f32(v);
+  {
+    SideJoin join;
+    sparse_attention_backward_into(dout, q, k, v, both.out, both.lse, ids, opt, rows, 0, dq, dk, dv, &join);
+  }
+  at::Tensor dq1 = zeros_like_f32(q), dk1 = zeros_like_f32(k), dv1 = zeros_like_f32(v);
+  for (int64_t a = 0; a < 2; ++a) {
+    auto r = [&](const at::Tensor& t, int64_t dim) { return t.narrow(dim, a * c, c); };
+    at::Tensor dq_rows = r(dq1, 1);
+    sparse_attention_backward_into(r(dout, 1), r(q, 1), k, v, r(both.out, 1), r(both.lse, 2), r(ids, 1), opt,
+                                   a == 0 ? 0 : 3 * c, 0, dq_rows, dk1, dv1);
+  }
+  EXPECT_GT(dk1.abs().max().item<double>(), 1e-2);
+  EXPECT_TRUE(at::equal(dq, dq1));
+  EXPECT_LT(relative_error(dk, dk1), 1e-5);
+  EXPECT_LT(relative_error(dv, dv1), 1e-5);
+  EXPECT_THROW(select_blocks(q, pooled, opt, QueryRows::two_runs(0, c, c / 2)), std::runtime_error);
+}
+
 // "auto" uses the kernels where they take the inputs and the reference elsewhere:
 // fp32, head dim 96, block 8 and a top-k above the selection kernel's limit all run
 // (and give the reference's answer) instead of throwing as Backend::kCuda does.
