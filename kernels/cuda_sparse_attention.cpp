@@ -305,7 +305,9 @@ class SparseAttentionFunction : public torch::autograd::Function<SparseAttention
     if (has_index) index = load_index(ctx);
     Gradients g = backward_kernels(q, k, v, block_ids, out, lse, dout, dlse, shape,
                                    ctx->saved_data["deterministic"].toBool(), KvGradWork{has_index, &index});
-    return {g.dq, g.dk, g.dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    variable_list grads_in{g.dq, g.dk, g.dv};
+    grads_in.resize(11);  // block_ids and the scalar arguments have none
+    return grads_in;
   }
 };
 
