@@ -309,12 +309,17 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     dk = at::zeros(k.sizes(), acc);
     dv = at::zeros(v.sizes(), acc);
     at::Tensor dkc = at::zeros(kc.sizes(), acc), dvc = at::zeros(vc.sizes(), acc);
-    for (const WorkItem& w : selected_work(setup, kc.size(1))) {
-      if (w.compact) {
-        accumulate(w, kc, vc, dkc, dvc);
-      } else {
-        accumulate(w, k, v, dk, dv);
+    {
+      // Several sparse calls per chunk: their kernels back to back, one join.
+      kernels::SideJoin join;
+      for (const WorkItem& w : selected_work(setup, kc.size(1))) {
+        if (w.compact) {
+          accumulate(w, kc, vc, dkc, dvc, &join);
+        } else {
+          accumulate(w, k, v, dk, dv, &join);
+        }
       }
+      join.join();
     }
     return_selected_grads(*setup.comm, *setup.plan, dkc, dvc, dk, dv);
   } else {
@@ -341,15 +346,7 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     if (kept) {  // everything that reads the assembled K/V (accumulate skips a stream without gradient)
       dkv_all = kv_zeros(outputs.k_all);
       at::Tensor dk_all = dkv_all[0], dv_all = dkv_all[1];
-      {
-        // Sparse items' kernels back to back (the next dq starts while the dK/dV
-        // before it drain); the full-stream calls after the join.
-        kernels::SideJoin join;
-        for (const WorkItem& w : assembled_sparse_work(setup)) {
-          accumulate(w, outputs.k_all, outputs.v_all, dk_all, dv_all, &join);
-        }
-        join.join();
-      }
+      for (const WorkItem& w : assembled_sparse_work(setup)) accumulate(w, outputs.k_all, outputs.v_all, dk_all, dv_all);
       if (prefix_full) {
         for (const WorkItem& w : prefix_work(setup)) accumulate(w, outputs.k_all, outputs.v_all, dk_all, dv_all);
       }
