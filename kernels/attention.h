@@ -39,6 +39,7 @@ struct QueryRows {
   int64_t split = -1;  // -1: one run
   int64_t late_start = 0;
   QueryRows(int64_t first = 0) : start(first) {}  // NOLINT(google-explicit-constructor): a position is one run
+  // split < 0: one run from start (late_start unused).
   static QueryRows two_runs(int64_t start, int64_t split, int64_t late_start) {
     QueryRows r(start);
     r.split = split;

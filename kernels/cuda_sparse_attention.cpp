@@ -264,8 +264,8 @@ class SparseAttentionFunction : public torch::autograd::Function<SparseAttention
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& block_ids, int64_t block_size, int64_t q_start, int64_t q_split,
                                int64_t q_start_late, int64_t k_start, bool deterministic, bool kv_grad) {
-    const QueryRows q_rows = q_split < 0 ? QueryRows(q_start) : QueryRows::two_runs(q_start, q_split, q_start_late);
-    const Shape shape = make_shape("sparse_attention", q, k, block_ids.size(3), block_size, q_rows, k_start);
+    const Shape shape = make_shape("sparse_attention", q, k, block_ids.size(3), block_size,
+                                   QueryRows::two_runs(q_start, q_split, q_start_late), k_start);
     // Undefined output gradients stay undefined (no zero-filled dlse).
     ctx->set_materialize_grads(false);
     at::cuda::CUDAEvent ids_ready;
@@ -291,10 +291,8 @@ class SparseAttentionFunction : public torch::autograd::Function<SparseAttention
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &block_ids = saved[3], &out = saved[4],
                      &lse = saved[5];
-    const int64_t q_split = ctx->saved_data["q_split"].toInt();
-    const QueryRows q_rows = q_split < 0 ? QueryRows(ctx->saved_data["q_start"].toInt())
-                                         : QueryRows::two_runs(ctx->saved_data["q_start"].toInt(), q_split,
-                                                               ctx->saved_data["q_start_late"].toInt());
+    const QueryRows q_rows = QueryRows::two_runs(ctx->saved_data["q_start"].toInt(), ctx->saved_data["q_split"].toInt(),
+                                                 ctx->saved_data["q_start_late"].toInt());
     const Shape shape = make_shape("sparse_attention backward", q, k, block_ids.size(3),
                                    ctx->saved_data["block_size"].toInt(), q_rows, ctx->saved_data["k_start"].toInt());
     const c10::cuda::CUDAGuard guard(q.device());

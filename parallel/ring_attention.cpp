@@ -232,10 +232,7 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
       out.lse_full = merged.lse.to(acc.dtype());
     }
     if (gather) {
-      if (setup.select_on_ring) {
-        at::NoGradGuard no_grad;
-        select_local_blocks(setup, q, kernels::pool_keys(out.k_all, setup.options.block_size));
-      }
+      if (setup.select_on_ring) select_local_blocks(setup, q, kernels::pool_keys(out.k_all, setup.options.block_size));
       // Both local chunks in one call (one item).
       for (const WorkItem& w : assembled_sparse_work(setup)) {
         const kernels::AttentionResult r = attend_rows(setup, w, q, out.k_all, out.v_all);
