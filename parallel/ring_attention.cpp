@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "kernels/side_stream.h"
 #include "parallel/error_check.h"
 #include "parallel/partial_attention.h"
 
@@ -176,6 +177,21 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
     // One sequence per call (the long-context case): the chunks travel straight
     // between their places in the assembled K/V (contiguous there), no copies.
     const bool in_place = gather && b == 1;
+    // With the full stream on the prefix: its prefix calls go on full_side, the
+    // sparse stream on sparse_side, both beside my diagonal call (which needs no
+    // remote K/V) and each other, so each fills the others' tails. full_side
+    // opens before the diagonal call and waits for the last K/V transfer itself
+    // (in place only: otherwise the K/V are copied on this stream after each hop).
+    kernels::SideStream full_side, sparse_side;
+    P2PBatch last;  // the last K/V transfer, when full_side waits for it
+    // The sparse stream on the assembled K/V: both local chunks in one call (one item).
+    auto sparse_on_assembled = [&] {
+      for (const WorkItem& w : assembled_sparse_work(setup)) {
+        const kernels::AttentionResult r = attend_rows(setup, w, q, out.k_all, out.v_all);
+        out.out_sparse = r.out.to(q.scalar_type());
+        out.lse_sparse = r.lse.to(acc.dtype());
+      }
+    };
     auto chunk_of = [&](const at::Tensor& all, int64_t src, int64_t slot) {
       return all.narrow(1, z.global_chunk(src, slot) * z.chunk, z.chunk);
     };
@@ -208,6 +224,7 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
       }
       if (prefix_full) {
         if (step == 0) {  // my chunks on themselves, while the K/V travel
+          if (in_place) full_side.open(q.device());
           for (const WorkItem& w : diagonal_work(setup)) full_parts.push_back({w.q_row, attend_rows(setup, w, q, k, v)});
         }
       } else {
@@ -215,30 +232,50 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
           full->add(w.q_row, attend_rows(setup, w, q, cur_k, cur_v));
         }
       }
-      next.wait();
+      if (full_side.is_open() && step + 2 == z.cp) {
+        last = std::move(next);
+      } else {
+        next.wait();
+      }
       if (next_k.defined()) {
         cur_k = next_k;
         cur_v = next_v;
       }
     }
     if (prefix_full) {
-      for (const WorkItem& w : prefix_work(setup)) {
-        full_parts.push_back({w.q_row, attend_rows(setup, w, q, out.k_all, out.v_all)});
+      std::vector<kernels::RowPartial> prefix_parts;
+      full_side.run([&] {  // inline when not open
+        last.wait();
+        // Opened from here: after the K/V have arrived.
+        sparse_side.open(q.device());
+        sparse_side.run([&] {
+          if (setup.select_on_ring) select_local_blocks(setup, q, kernels::pool_keys(out.k_all, setup.options.block_size));
+          sparse_on_assembled();
+        });
+        for (const WorkItem& w : prefix_work(setup)) {
+          prefix_parts.push_back({w.q_row, attend_rows(setup, w, q, out.k_all, out.v_all)});
+        }
+      });
+      for (kernels::RowPartial& p : prefix_parts) {
+        full_side.keep(p.part.out);
+        full_side.keep(p.part.lse);
+        full_parts.push_back(std::move(p));
       }
+      full_side.join();
       // One pass from the parts to the output dtype (no fp32 accumulator).
       kernels::AttentionResult merged = kernels::merge_row_partials(rows, full_parts, q.scalar_type());
       full_parts.clear();
       out.out_full = merged.out;
       out.lse_full = merged.lse.to(acc.dtype());
     }
-    if (gather) {
+    if (sparse_side.is_open()) {
+      sparse_side.keep(out.out_sparse);
+      sparse_side.keep(out.lse_sparse);
+      sparse_side.keep(setup.local_block_ids);
+      sparse_side.join();
+    } else if (gather && !prefix_full) {
       if (setup.select_on_ring) select_local_blocks(setup, q, kernels::pool_keys(out.k_all, setup.options.block_size));
-      // Both local chunks in one call (one item).
-      for (const WorkItem& w : assembled_sparse_work(setup)) {
-        const kernels::AttentionResult r = attend_rows(setup, w, q, out.k_all, out.v_all);
-        out.out_sparse = r.out.to(q.scalar_type());
-        out.lse_sparse = r.lse.to(acc.dtype());
-      }
+      sparse_on_assembled();
     }
   }
   if (full) {
@@ -274,30 +311,42 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
   const at::Tensor g_full = grad_full.defined() ? grad_full.contiguous() : at::Tensor();
   const at::Tensor g_sparse = grad_sparse.defined() ? grad_sparse.contiguous() : at::Tensor();
 
+  // A full-stream item's gradients (its dq joins the sum as a term), straight
+  // from the merged output and lse; nullopt when that output got no gradient.
+  auto full_grads = [&](const WorkItem& w, const at::Tensor& kk,
+                        const at::Tensor& vv) -> std::optional<kernels::AttentionGrads> {
+    if (!g_full.defined()) return std::nullopt;
+    const at::Tensor gq = g_full.narrow(1, w.q_row, w.q_len), qq = q.narrow(1, w.q_row, w.q_len);
+    const at::Tensor oq = outputs.out_full.narrow(1, w.q_row, w.q_len);
+    const at::Tensor lq = outputs.lse_full.narrow(2, w.q_row, w.q_len);
+    kernels::AttentionGrads pg =
+        kernels::full_attention_backward(gq, qq, kk.narrow(1, w.kv_row, w.kv_len), vv.narrow(1, w.kv_row, w.kv_len),
+                                         oq, lq, w.q_pos.start, w.k_pos);
+    add_dq_term(w.q_row, pg.dq);
+    return pg;
+  };
   // Adds one item's gradients, straight from the merged output and lse (no
   // recomputed forward); the K/V gradients go into rows of dk_buf/dv_buf. Sparse
   // items given `join` leave their dK/dV side work for it to wait for.
   auto accumulate = [&](const WorkItem& w, const at::Tensor& kk, const at::Tensor& vv, at::Tensor& dk_buf,
                         at::Tensor& dv_buf, kernels::SideJoin* join = nullptr) {
-    const at::Tensor& g = w.sparse ? g_sparse : g_full;
-    if (!g.defined()) return;  // that output received no gradient
-    const at::Tensor& o = w.sparse ? outputs.out_sparse : outputs.out_full;
-    const at::Tensor& l = w.sparse ? outputs.lse_sparse : outputs.lse_full;
-    const at::Tensor gq = g.narrow(1, w.q_row, w.q_len), qq = q.narrow(1, w.q_row, w.q_len);
-    const at::Tensor k_rows = kk.narrow(1, w.kv_row, w.kv_len), v_rows = vv.narrow(1, w.kv_row, w.kv_len);
-    const at::Tensor oq = o.narrow(1, w.q_row, w.q_len), lq = l.narrow(2, w.q_row, w.q_len);
-    at::Tensor dq_rows = dq.narrow(1, w.q_row, w.q_len);
     at::Tensor dk_rows = dk_buf.narrow(1, w.kv_row, w.kv_len), dv_rows = dv_buf.narrow(1, w.kv_row, w.kv_len);
-    if (w.sparse) {  // added in place by the CUDA kernels
-      kernels::sparse_attention_backward_into(gq, qq, k_rows, v_rows, oq, lq, block_ids_of(setup, w), setup.options,
-                                              w.q_pos, w.k_pos, dq_rows, dk_rows, dv_rows, join);
+    if (!w.sparse) {
+      if (const std::optional<kernels::AttentionGrads> pg = full_grads(w, kk, vv)) {
+        dk_rows.add_(pg->dk);
+        dv_rows.add_(pg->dv);
+      }
       return;
     }
-    const kernels::AttentionGrads pg =
-        kernels::full_attention_backward(gq, qq, k_rows, v_rows, oq, lq, w.q_pos.start, w.k_pos);
-    add_dq_term(w.q_row, pg.dq);
-    dk_rows.add_(pg.dk);
-    dv_rows.add_(pg.dv);
+    if (!g_sparse.defined()) return;  // that output received no gradient
+    const at::Tensor gq = g_sparse.narrow(1, w.q_row, w.q_len), qq = q.narrow(1, w.q_row, w.q_len);
+    const at::Tensor oq = outputs.out_sparse.narrow(1, w.q_row, w.q_len);
+    const at::Tensor lq = outputs.lse_sparse.narrow(2, w.q_row, w.q_len);
+    at::Tensor dq_rows = dq.narrow(1, w.q_row, w.q_len);
+    // Added in place by the CUDA kernels.
+    kernels::sparse_attention_backward_into(gq, qq, kk.narrow(1, w.kv_row, w.kv_len),
+                                            vv.narrow(1, w.kv_row, w.kv_len), oq, lq, block_ids_of(setup, w),
+                                            setup.options, w.q_pos, w.k_pos, dq_rows, dk_rows, dv_rows, join);
   };
 
   if (setup.transport == SparseTransport::kSelectedBlocks) {
@@ -348,12 +397,6 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
         for (const WorkItem& w : prefix_work(setup)) accumulate(w, outputs.k_all, outputs.v_all, dk_all, dv_all);
       }
     }
-    // The rows of src's two chunks of a [.., S, Hkv, D] tensor (rows: dim `dim`).
-    auto rows_of = [&](const at::Tensor& all, int64_t src, int64_t dim) {
-      const int64_t c = z.chunk;
-      return at::cat(
-          {all.narrow(dim, z.global_chunk(src, 0) * c, c), all.narrow(dim, z.global_chunk(src, 1) * c, c)}, dim);
-    };
     P2PBatch dkv_batch;
     at::Tensor in_dkv;
     // One hop of an accumulator [2, B, rows, Hkv, D]: adds what the ranks before
@@ -369,32 +412,75 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
           {P2POp::send(acc_dkv, right, kTagDkv), P2POp::recv(in_dkv, left, kTagDkv)}, "ring_dkv");
     };
     if (kept) {
-      // No rotation: step s passes on the accumulator of rank r-1-s's chunks. It
-      // arrives from the left (where it was at step s-1) and leaves to the right,
-      // so it reaches its owner at step cp-1; each gradient makes cp-1 hops, and
-      // my diagonal items run while the first hop travels.
-      at::Tensor own = rows_of(dkv_all, z.rank, 2);
-      auto diagonal = [&] {  // my own chunks' full-stream items
-        at::Tensor own_dk = own[0], own_dv = own[1];
-        for (const WorkItem& w : prefix_full ? diagonal_work(setup) : ring_work(setup, z.rank)) {
-          accumulate(w, k, v, own_dk, own_dv);
+      // No rotation: step s passes on the sums for rank r-1-s's chunks. They
+      // arrive from the left (where they were at step s-1) and leave to the right,
+      // so they reach their owner at step cp-1; each gradient makes cp-1 hops, and
+      // my diagonal items run while the first hop travels. (K/V are kept only for
+      // the sparse stream; the full stream then is all prefix and diagonal work.)
+      const int64_t c = z.chunk, bsz = outputs.k_all.size(0);
+      // Rank src's two chunks of dkv_all as a view [2, B, 2, c, Hkv, D] (no copy):
+      // dim 2 steps from the early chunk to the late one.
+      auto chunks_of = [&](int64_t src) {
+        const int64_t g0 = z.global_chunk(src, 0), g1 = z.global_chunk(src, 1), row = dkv_all.stride(2);
+        return dkv_all.as_strided({2, bsz, 2, c, dkv_all.size(3), dkv_all.size(4)},
+                                  {dkv_all.stride(0), dkv_all.stride(1), (g1 - g0) * c * row, row, dkv_all.stride(3),
+                                   dkv_all.stride(4)},
+                                  dkv_all.storage_offset() + g0 * c * row);
+      };
+      auto as_chunks = [&](const at::Tensor& rows) {  // [2, B, 2c, Hkv, D] -> [2, B, 2, c, Hkv, D]
+        return rows.view({2, bsz, 2, c, rows.size(3), rows.size(4)});
+      };
+      // Sends and receives go by contiguous pieces (one per dK/dV, sequence, chunk).
+      auto piece_ops = [&](const at::Tensor& six, bool send, std::vector<P2POp>& ops) {
+        for (int64_t j = 0; j < 2; ++j) {
+          for (int64_t i = 0; i < bsz; ++i) {
+            for (int64_t slot = 0; slot < 2; ++slot) {
+              const at::Tensor piece = six[j][i][slot];
+              ops.push_back(send ? P2POp::send(piece, right, kTagDkv) : P2POp::recv(piece, left, kTagDkv));
+            }
+          }
+        }
+      };
+      auto hop = [&](int64_t step, int64_t src) {
+        at::Tensor sums = chunks_of(src);  // my share of src's chunks
+        if (step > 0) {  // plus what the ranks before me sent for them
+          dkv_batch.wait();
+          sums = as_chunks(in_dkv).add_(sums);
+        }
+        in_dkv = at::empty({2, bsz, 2 * c, dkv_all.size(3), dkv_all.size(4)}, dkv_all.options());
+        std::vector<P2POp> ops;
+        piece_ops(sums, true, ops);
+        piece_ops(as_chunks(in_dkv), false, ops);
+        dkv_batch = setup.comm->start_p2p(std::move(ops), "ring_dkv");
+      };
+      const at::Tensor own = chunks_of(z.rank);
+      // My own chunks on themselves (full stream; nothing without its gradient),
+      // in local row order [early; late].
+      auto diagonal = [&] {
+        for (const WorkItem& w : diagonal_work(setup)) {
+          const std::optional<kernels::AttentionGrads> pg = full_grads(w, k, v);
+          if (!pg) continue;
+          own[0].add_(pg->dk.view({bsz, 2, c, pg->dk.size(2), pg->dk.size(3)}));
+          own[1].add_(pg->dv.view({bsz, 2, c, pg->dv.size(2), pg->dv.size(3)}));
         }
       };
       for (int64_t step = 0; step + 1 < z.cp; ++step) {
-        const int64_t src = ((z.rank - 1 - step) % z.cp + z.cp) % z.cp;
-        at::Tensor acc_dkv = rows_of(dkv_all, src, 2);
-        if (!prefix_full) {  // the full stream's ring items on src's chunks, if it has a gradient
-          const at::Tensor src_k = rows_of(outputs.k_all, src, 1), src_v = rows_of(outputs.v_all, src, 1);
-          at::Tensor acc_dk = acc_dkv[0], acc_dv = acc_dkv[1];
-          for (const WorkItem& w : ring_work(setup, src)) accumulate(w, src_k, src_v, acc_dk, acc_dv);
-        }
-        pass_on(step, acc_dkv);
+        hop(step, ((z.rank - 1 - step) % z.cp + z.cp) % z.cp);
         if (step == 0) diagonal();
       }
       if (z.cp == 1) diagonal();
       dkv_batch.wait();  // the sums of every other rank's share of my chunks
-      if (in_dkv.defined()) own.add_(in_dkv);
-      dkv = own;
+      // My chunks' total, in local row order, converted once.
+      const bool one_type = k.scalar_type() == v.scalar_type();
+      const at::Tensor total = at::empty({2, bsz, 2 * c, dkv_all.size(3), dkv_all.size(4)},
+                                         one_type ? k.options() : dkv_all.options());
+      at::Tensor total_chunks = as_chunks(total);
+      if (in_dkv.defined()) {
+        at::add_out(total_chunks, own, as_chunks(in_dkv));
+      } else {
+        total_chunks.copy_(own);
+      }
+      dkv = total;
     } else {
       // The K/V rotate again as in the forward, starting from my own; the fp32
       // dK/dV of the chunk being visited travel one hop behind them, so each

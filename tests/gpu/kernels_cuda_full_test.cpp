@@ -16,7 +16,12 @@
 #include "kernels/alignment.h"
 #include "kernels/attention.h"
 #include "kernels/rotary.h"
+#include "kernels/side_stream.h"
 #include "kernels_gpu_support.h"
+
+#ifdef SSA_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace ssa::kernels {
 namespace {
@@ -222,6 +227,45 @@ TEST(CudaAlignment, FusedGateAndAlignMatchTheFormula) {
   const at::Tensor x = at::randn({1, 4, 2, 8}, gpu());
   EXPECT_THROW(gate_and_align(x, x.narrow(1, 0, 2), at::ones({1, 4, 2, 1}, gpu()), true, true, 1.0),
                std::invalid_argument);
+}
+
+// Work on a side stream: it starts after what the current stream queued before
+// open(), runs on another stream, and what it made is complete for the current
+// stream after join(). The products are long enough to still run at each handover.
+TEST(CudaSideStream, OrdersWorkBesideTheCurrentStream) {
+  SSA_REQUIRE_GPU();
+#ifdef SSA_WITH_CUDA
+  at::manual_seed(3);
+  const at::Tensor a = at::randn({2048, 2048}, gpu(at::kFloat)) / 48.0;
+  auto chain = [&](at::Tensor x) {
+    for (int i = 0; i < 6; ++i) x = at::matmul(x, a);
+    return x;
+  };
+  const at::Tensor want = chain(chain(a)).cpu();
+  const c10::cuda::CUDAStream outer = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor before = chain(a);  // queued on the current stream, read by the side work
+  SideStream side;
+  side.open(a.device());
+  ASSERT_TRUE(side.is_open());
+  at::Tensor made;
+  side.run([&] {
+    EXPECT_NE(c10::cuda::getCurrentCUDAStream(), outer);
+    made = chain(before);
+  });
+  EXPECT_EQ(c10::cuda::getCurrentCUDAStream(), outer);
+  side.keep(made);
+  side.join();
+  EXPECT_FALSE(side.is_open());
+  EXPECT_TRUE(at::allclose(made.cpu(), want, 1e-4, 1e-5));
+  // Closed (CPU tensors, or never opened): the work runs inline on the current stream.
+  SideStream closed;
+  closed.open(at::Device(at::kCPU));
+  EXPECT_FALSE(closed.is_open());
+  closed.run([&] { EXPECT_EQ(c10::cuda::getCurrentCUDAStream(), outer); });
+  closed.join();
+#else
+  GTEST_SKIP() << "built without CUDA";
+#endif
 }
 
 }  // namespace
