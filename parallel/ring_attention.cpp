@@ -392,9 +392,25 @@ ContextGrads context_backward(const RingSetup& setup, const at::Tensor& q, const
     if (kept) {  // everything that reads the assembled K/V (accumulate skips a stream without gradient)
       dkv_all = kv_zeros(outputs.k_all);
       at::Tensor dk_all = dkv_all[0], dv_all = dkv_all[1];
-      for (const WorkItem& w : assembled_sparse_work(setup)) accumulate(w, outputs.k_all, outputs.v_all, dk_all, dv_all);
+      // The sparse stream's dK/dV kernel (on its side stream) adds into these rows
+      // while the prefix calls' fused backward already runs here; their dK/dV join
+      // the rows after it.
+      kernels::SideJoin sparse_join;
+      for (const WorkItem& w : assembled_sparse_work(setup)) {
+        accumulate(w, outputs.k_all, outputs.v_all, dk_all, dv_all, &sparse_join);
+      }
       if (prefix_full) {
-        for (const WorkItem& w : prefix_work(setup)) accumulate(w, outputs.k_all, outputs.v_all, dk_all, dv_all);
+        std::vector<std::pair<WorkItem, kernels::AttentionGrads>> prefix_grads;
+        for (const WorkItem& w : prefix_work(setup)) {
+          if (std::optional<kernels::AttentionGrads> pg = full_grads(w, outputs.k_all, outputs.v_all)) {
+            prefix_grads.emplace_back(w, std::move(*pg));
+          }
+        }
+        sparse_join.join();
+        for (const auto& [w, pg] : prefix_grads) {
+          dk_all.narrow(1, w.kv_row, w.kv_len).add_(pg.dk);
+          dv_all.narrow(1, w.kv_row, w.kv_len).add_(pg.dv);
+        }
       }
     }
     P2PBatch dkv_batch;
