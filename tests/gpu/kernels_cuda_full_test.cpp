@@ -214,7 +214,7 @@ TEST(CudaAlignment, FusedGateAndAlignMatchTheFormula) {
           EXPECT_TRUE(at::equal(r[1].out, r[0].out)) << what;
           EXPECT_NEAR(r[1].sparsity_loss.item<double>(), r[0].sparsity_loss.item<double>(),
                       1e-5 * r[0].sparsity_loss.item<double>()) << what;
-          EXPECT_NEAR(r[1].commitment_loss.item<double>(), r[0].sparsity_loss.item<double>(),
+          EXPECT_NEAR(r[1].commitment_loss.item<double>(), r[0].commitment_loss.item<double>(),
                       1e-5 * r[0].sparsity_loss.item<double>()) << what;
           EXPECT_GT(r[0].sparsity_loss.item<double>(), 1e-3) << what;  // not a vacuous comparison
           for (int i = 0; i < 3; ++i) {
