@@ -184,8 +184,10 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
     // (in place only: otherwise the K/V are copied on this stream after each hop).
     kernels::SideStream full_side, sparse_side;
     P2PBatch last;  // the last K/V transfer, when full_side waits for it
-    // The sparse stream on the assembled K/V: both local chunks in one call (one item).
+    // The sparse stream on the assembled K/V: the selection (when made here),
+    // then both local chunks in one call (one item).
     auto sparse_on_assembled = [&] {
+      if (setup.select_on_ring) select_local_blocks(setup, q, kernels::pool_keys(out.k_all, setup.options.block_size));
       for (const WorkItem& w : assembled_sparse_work(setup)) {
         const kernels::AttentionResult r = attend_rows(setup, w, q, out.k_all, out.v_all);
         out.out_sparse = r.out.to(q.scalar_type());
@@ -248,10 +250,7 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
         last.wait();
         // Opened from here: after the K/V have arrived.
         sparse_side.open(q.device());
-        sparse_side.run([&] {
-          if (setup.select_on_ring) select_local_blocks(setup, q, kernels::pool_keys(out.k_all, setup.options.block_size));
-          sparse_on_assembled();
-        });
+        sparse_side.run(sparse_on_assembled);
         for (const WorkItem& w : prefix_work(setup)) {
           prefix_parts.push_back({w.q_row, attend_rows(setup, w, q, out.k_all, out.v_all)});
         }
@@ -274,7 +273,6 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
       sparse_side.keep(setup.local_block_ids);
       sparse_side.join();
     } else if (gather && !prefix_full) {
-      if (setup.select_on_ring) select_local_blocks(setup, q, kernels::pool_keys(out.k_all, setup.options.block_size));
       sparse_on_assembled();
     }
   }
