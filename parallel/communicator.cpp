@@ -246,14 +246,27 @@ P2PBatch Communicator::start_all_reduce(const at::Tensor& tensor, ReduceOp op) {
   return P2PBatch();
 }
 
+#ifdef SSA_WITH_CUDA
+// A reduce-scatter's input or an all-gather's output (`whole`, size() times
+// `part`) and its other tensor go to NCCL when both are CUDA tensors of one
+// dtype with those sizes; otherwise the blocking call runs on CPU or reports
+// what is wrong.
+bool Communicator::nccl_pair_fits(const at::Tensor& whole, const at::Tensor& part, const char* op) const {
+  if (!whole.is_cuda() || !part.is_cuda() || whole.scalar_type() != part.scalar_type() ||
+      whole.numel() != part.numel() * size_) {
+    return false;
+  }
+  check_device(whole, op);
+  check_device(part, op);
+  return true;
+}
+#endif
+
 P2PBatch Communicator::start_reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op) {
   check_in_flight_tensor(input, name_, "reduce_scatter");
   check_in_flight_tensor(output, name_, "reduce_scatter");
 #ifdef SSA_WITH_CUDA
-  if (input.is_cuda() && output.is_cuda() && input.scalar_type() == output.scalar_type() &&
-      input.numel() == output.numel() * size_) {
-    check_device(input, "reduce_scatter");
-    check_device(output, "reduce_scatter");
+  if (nccl_pair_fits(input, output, "reduce_scatter")) {
     check_avg_type(input, op, "reduce_scatter");
     return nccl_start_reduce_scatter(input, output, op);
   }
@@ -266,10 +279,7 @@ P2PBatch Communicator::start_all_gather(const at::Tensor& input, const at::Tenso
   check_in_flight_tensor(input, name_, "all_gather");
   check_in_flight_tensor(output, name_, "all_gather");
 #ifdef SSA_WITH_CUDA
-  if (input.is_cuda() && output.is_cuda() && input.scalar_type() == output.scalar_type() &&
-      output.numel() == input.numel() * size_) {
-    check_device(input, "all_gather");
-    check_device(output, "all_gather");
+  if (nccl_pair_fits(output, input, "all_gather")) {
     return nccl_start_all_gather(input, output);
   }
 #endif

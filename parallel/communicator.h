@@ -135,6 +135,7 @@ class Communicator {
   void mpi_broadcast(const at::Tensor& tensor, int root);
   P2PBatch mpi_start_p2p(std::vector<P2POp> ops, const std::string& op_name);
 #ifdef SSA_WITH_CUDA
+  bool nccl_pair_fits(const at::Tensor& whole, const at::Tensor& part, const char* op) const;
   void init_nccl(int device);
   void nccl_all_reduce(const at::Tensor& tensor, ReduceOp op);
   void nccl_reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op);
