@@ -19,7 +19,10 @@
 namespace ssa::kernels::cuda {
 namespace {
 
-constexpr int kWarps = 4;
+// One warp per CTA: a warp's items vary in length (1 to kMaxEntriesPerItem
+// queries), and a CTA of several warps would hold its registers and shared memory
+// until its longest warp is done.
+constexpr int kWarps = 1;
 
 template <int kD>
 __host__ __device__ constexpr int tile_bytes() {
@@ -73,7 +76,7 @@ __device__ Item decode_item(const BackwardDkdvParams& p, int64_t warp_index) {
 }
 
 template <int kD>
-__global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 3 : 1) backward_dkdv_kernel(const BackwardDkdvParams p) {
+__global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 12 : 4) backward_dkdv_kernel(const BackwardDkdvParams p) {
   constexpr int kStages = dkdv_stages<kD>();
   extern __shared__ __align__(128) unsigned char smem[];
   const Shape& s = p.shape;
@@ -102,10 +105,21 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 3 : 1) backward_dkdv_k
 
   const int key_lo = it.lo > it.tile_start ? static_cast<int>(it.lo - it.tile_start) : 0;
 
-  // Work units: (entry e, head tile mt), e-major.
+  // Work units: (entry e, head tile mt), e-major; a cursor walks them without
+  // dividing by mtiles.
   const int units = (it.end - it.begin) * mtiles;
-  auto stage = [&](int slot, int unit) {
-    const int e = it.begin + unit / mtiles, mt = unit % mtiles;
+  struct Cursor {
+    int e, mt;
+  };
+  auto advance = [mtiles](Cursor& c) {
+    if (++c.mt == mtiles) {
+      c.mt = 0;
+      ++c.e;
+    }
+  };
+  Cursor staged{it.begin, 0}, current{it.begin, 0};
+  auto stage = [&](int slot, const Cursor& c) {
+    const int e = c.e, mt = c.mt;
     const int t = p.entry_token[e];
     const int head0 = it.kvh * group_size + mt * 16;
     const int rows_valid = min(16, group_size - mt * 16);
@@ -120,7 +134,10 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 3 : 1) backward_dkdv_k
   };
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
-    if (i < units) stage(i, i);
+    if (i < units) {
+      stage(i, staged);
+      advance(staged);
+    }
     device::cp_async_commit();
   }
 
@@ -147,18 +164,20 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 3 : 1) backward_dkdv_k
     load_kv();
   }
 
-  for (int u = 0; u < units; ++u) {
+  for (int u = 0, slot = 0; u < units; ++u, slot = slot + 1 == kStages ? 0 : slot + 1) {
     device::cp_async_wait<kStages - 2>();
     __syncwarp();
-    if (u + kStages - 1 < units) stage((u + kStages - 1) % kStages, u + kStages - 1);
+    if (u + kStages - 1 < units) {
+      stage(slot == 0 ? kStages - 1 : slot - 1, staged);  // the slot read one unit ago
+      advance(staged);
+    }
     device::cp_async_commit();
-    const int slot = u % kStages;
     const uint32_t q_tile = stage0 + slot * stage_bytes<kD>();
     const uint32_t do_tile = q_tile + tile_bytes<kD>();
     const float* lse2 = stage0_f + slot * (stage_bytes<kD>() / 4) + 2 * tile_bytes<kD>() / 4;
     const float* delta = lse2 + 16;
-    const int e = it.begin + u / mtiles;
-    const int64_t qpos = s.q_pos(p.entry_token[e]);
+    const int64_t qpos = s.q_pos(p.entry_token[current.e]);
+    advance(current);
     if (!kKvInRegisters) load_kv();
 
     float st[2][4], dpt[2][4];  // [keys x query rows]
@@ -179,8 +198,8 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 3 : 1) backward_dkdv_k
         const int key = group + 8 * (e2 >> 1);
         const float lse_c = (e2 & 1) ? l2.y : l2.x;
         const float delta_c = (e2 & 1) ? dl.y : dl.x;
-        const bool valid = full || (key >= key_lo && key < key_hi);
-        const float prob = valid ? exp2f(fmaf(st[nt][e2], scale_log2, -lse_c)) : 0.f;
+        float prob = exp2f(fmaf(st[nt][e2], scale_log2, -lse_c));
+        if (!full && (key < key_lo || key >= key_hi)) prob = 0.f;
         st[nt][e2] = prob;
         dpt[nt][e2] = prob * (dpt[nt][e2] - delta_c);
       }
