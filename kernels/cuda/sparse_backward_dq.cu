@@ -107,16 +107,24 @@ __global__ void __launch_bounds__(kWarps * 32) backward_dq_kernel(const Backward
     device::mma_a_tile_t<kD>(sc, qf, k_tile, lane);
     device::mma_a_tile_t<kD>(dp, dof, v_tile, lane);
     const device::TileColumns cols = device::visible_columns(tile, qpos);
+    float prob[2][4];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const int c = nt * 8 + tig * 2 + (e & 1);
-        const bool valid = cols.full || (c >= cols.lo && c < cols.hi);
-        const float prob = valid ? exp2f(fmaf(sc[nt][e], scale_log2, -lse2[r])) : 0.f;
-        sc[nt][e] = prob * (dp[nt][e] - delta[r]);  // dS
-      }
+      for (int e = 0; e < 4; ++e) prob[nt][e] = exp2f(fmaf(sc[nt][e], scale_log2, -lse2[e >> 1]));
+    if (!cols.full) {  // warp-uniform: most tiles skip the mask
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = nt * 8 + tig * 2 + (e & 1);
+          if (c < cols.lo || c >= cols.hi) prob[nt][e] = 0.f;
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[nt][e] = prob[nt][e] * (dp[nt][e] - delta[e >> 1]);  // dS
     uint32_t ds[4];
     device::c_to_a(ds, sc[0], sc[1]);
     device::mma_p_tile<kD>(dq, ds, k_tile, lane);

@@ -68,8 +68,10 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_forward_kernel(const Forwa
   for (int i = 0; i < kD / 8; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY};  // running row max (log2 domain), rows group, group + 8
-  float l[2] = {0.f, 0.f};              // this thread's part of the row sums
+  // Reference max (log2 domain; up to kSlack below the true one) of rows group,
+  // group + 8, and this thread's part of their sums.
+  float m[2] = {-INFINITY, -INFINITY};
+  float l[2] = {0.f, 0.f};
 
   KeyTile tile;
   uint32_t k_tile, v_tile;
@@ -78,31 +80,51 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_forward_kernel(const Forwa
     float sc[2][4];
     device::mma_a_tile_t<kD>(sc, qf, k_tile, lane);
     const device::TileColumns cols = device::visible_columns(tile, qpos);
-    float tile_max[2] = {-INFINITY, -INFINITY};
+    float tile_max[2] = {-INFINITY, -INFINITY};  // of the raw scores (the scale is positive)
+    if (!cols.full) {  // warp-uniform: most tiles skip the mask
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = nt * 8 + tig * 2 + (e & 1);
+          if (c < cols.lo || c >= cols.hi) sc[nt][e] = -INFINITY;
+        }
+    }
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = nt * 8 + tig * 2 + (e & 1);
-        sc[nt][e] = cols.full || (c >= cols.lo && c < cols.hi) ? sc[nt][e] * scale_log2 : -INFINITY;
-        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], sc[nt][e]);
-      }
+      for (int e = 0; e < 4; ++e) tile_max[e >> 1] = fmaxf(tile_max[e >> 1], sc[nt][e]);
+    // A row's reference m moves only when a tile's max exceeds it by more than
+    // kSlack (log2 units), so P stays <= 2^kSlack and the rescale of acc and l
+    // (kD / 4 multiplies per thread) runs on a few tiles only.
+    constexpr float kSlack = 8.f;
+    float tmax[2];
+    bool grow[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float m_new = fmaxf(m[r], device::quad_max(tile_max[r]));
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
-      const float alpha = exp2f(m[r] - m_use);
-      m[r] = m_new;
-      l[r] *= alpha;
+      tmax[r] = device::quad_max(tile_max[r]) * scale_log2;
+      grow[r] = tmax[r] > m[r] + kSlack;  // false while every score so far is masked
+    }
+    if (__any_sync(0xffffffffu, grow[0] || grow[1])) {
 #pragma unroll
-      for (int i = 0; i < kD / 8; ++i) {
-        acc[i][2 * r] *= alpha;
-        acc[i][2 * r + 1] *= alpha;
+      for (int r = 0; r < 2; ++r) {
+        const float alpha = grow[r] ? exp2f(m[r] - tmax[r]) : 1.f;  // 0 from m = -inf
+        if (grow[r]) m[r] = tmax[r];
+        l[r] *= alpha;
+#pragma unroll
+        for (int i = 0; i < kD / 8; ++i) {
+          acc[i][2 * r] *= alpha;
+          acc[i][2 * r + 1] *= alpha;
+        }
       }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float m_use = m[r] == -INFINITY ? 0.f : m[r];  // no (-inf) - (-inf)
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
-        sc[nt][2 * r] = exp2f(sc[nt][2 * r] - m_use);
-        sc[nt][2 * r + 1] = exp2f(sc[nt][2 * r + 1] - m_use);
+        sc[nt][2 * r] = exp2f(fmaf(sc[nt][2 * r], scale_log2, -m_use));
+        sc[nt][2 * r + 1] = exp2f(fmaf(sc[nt][2 * r + 1], scale_log2, -m_use));
         l[r] += sc[nt][2 * r] + sc[nt][2 * r + 1];
       }
     }
