@@ -27,7 +27,7 @@ using device::stream_chunks;
 using device::TopK;
 
 constexpr int kD = 64;
-constexpr int kWarps = 8;  // two warpgroups
+constexpr int kWarps = 4;  // one warpgroup
 constexpr int kUnits = 2;  // A tiles (16 rows) per warp
 constexpr int kSmem = device::chunk_stream_bytes<kD>() + 1024;  // with 1024-byte alignment slack
 static_assert(kChunk == 64, "one m64n64 product covers a chunk");
@@ -49,7 +49,7 @@ __device__ __forceinline__ void sum_over_groups(const float (&v)[16], float (&x)
 // kG: heads per kv head (8 or 16). Row r of a thread (0: group, 1: group + 8) is
 // head group + 8 r of token 0 of the unit (kG = 16), or head group of token r (kG = 8).
 template <int kG>
-__global__ void __launch_bounds__(kWarps * 32, 2) select_wgmma_kernel(const SelectParams p) {
+__global__ void __launch_bounds__(kWarps * 32, 4) select_wgmma_kernel(const SelectParams p) {
   constexpr int kRowTokens = 16 / kG;             // tokens per unit
   constexpr int kTokens = kUnits * kRowTokens;    // tokens per warp
   extern __shared__ unsigned char smem[];
