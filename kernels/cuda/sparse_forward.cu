@@ -14,8 +14,6 @@
 namespace ssa::kernels::cuda {
 namespace {
 
-using device::KeyTile;
-using device::TileWalker;
 
 constexpr int kWarps = 4;
 
@@ -36,7 +34,7 @@ template <int kD>
 __global__ void __launch_bounds__(kWarps * 32) sparse_forward_kernel(const ForwardParams p) {
   constexpr int kStages = stages_for<kD>();
   constexpr int kStageBytes = 2 * tile_bytes<kD>();  // K tile then V tile
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];
   const Shape& s = p.shape;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int group_size = s.hq / s.hkv, mtiles = (group_size + 15) / 16;
@@ -73,13 +71,11 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_forward_kernel(const Forwa
   float m[2] = {-INFINITY, -INFINITY};
   float l[2] = {0.f, 0.f};
 
-  KeyTile tile;
+  device::TileColumns cols;  // the keys of the tile the query sees
   uint32_t k_tile, v_tile;
-  for (int it = 0; pipe.next(it, tile, k_tile, v_tile); ++it) {
-
+  while (pipe.next(cols, k_tile, v_tile)) {
     float sc[2][4];
     device::mma_a_tile_t<kD>(sc, qf, k_tile, lane);
-    const device::TileColumns cols = device::visible_columns(tile, qpos);
     float tile_max[2] = {-INFINITY, -INFINITY};  // of the raw scores (the scale is positive)
     if (!cols.full) {  // warp-uniform: most tiles skip the mask
 #pragma unroll

@@ -37,29 +37,47 @@ __device__ __forceinline__ TileColumns visible_columns(const KeyTile& t, int qpo
 
 // Yields, in slot order, the tiles of the selected blocks that hold at least one
 // key of the chunk [k_lo, k_hi) at or before q_max. Ids < 0 are skipped. Every
-// lane of a warp walks the same sequence (warp-uniform loads and branches).
+// lane of a warp walks the same sequence (warp-uniform branches). The ids are
+// read 64 slots at a time, two per lane (slot w0 + i in lane i % 32 of ids_lo or
+// ids_hi), and handed out with a shuffle.
 struct TileWalker {
   const int32_t* ids;  // [top_k] block ids of this (token, kv head)
   int top_k;
   int block_size;
   int k_lo, k_hi;  // positions held by k/v
   int q_max;       // causal limit: last position any row may see
+  int lane;
+  int w0 = 0;           // first slot of the window in ids_lo, ids_hi
+  int ids_lo, ids_hi;
   int slot = -1;
   int sub = 0, sub_end = 0;
   int block_start = 0, block_lo = 0, block_hi = 0;
 
+  __device__ TileWalker(const int32_t* ids_, int top_k_, int block_size_, int k_lo_, int k_hi_, int q_max_, int lane_)
+      : ids(ids_), top_k(top_k_), block_size(block_size_), k_lo(k_lo_), k_hi(k_hi_), q_max(q_max_), lane(lane_) {
+    load_window();
+  }
+  __device__ void load_window() {
+    ids_lo = w0 + lane < top_k ? ids[w0 + lane] : -1;
+    ids_hi = w0 + lane + 32 < top_k ? ids[w0 + lane + 32] : -1;
+  }
+
   __device__ bool next(KeyTile& tile) {
     while (sub >= sub_end) {
       if (++slot >= top_k) return false;
-      const int id = ids[slot];
+      if (slot - w0 == 64) {
+        w0 = slot;
+        load_window();
+      }
+      const int id = __shfl_sync(0xffffffffu, slot - w0 < 32 ? ids_lo : ids_hi, slot & 31);
       if (id < 0) continue;
       block_start = id * block_size;
       block_lo = max(block_start, k_lo);
       block_hi = min(block_start + block_size, k_hi);
       const int visible_hi = min(block_hi, q_max + 1);
       if (block_lo >= visible_hi) continue;
-      sub = (block_lo - block_start) / kKeyTile;
-      sub_end = (visible_hi - block_start + kKeyTile - 1) / kKeyTile;
+      sub = static_cast<unsigned>(block_lo - block_start) / kKeyTile;  // both >= 0
+      sub_end = static_cast<unsigned>(visible_hi - block_start + kKeyTile - 1) / kKeyTile;
     }
     tile.start = block_start + sub * kKeyTile;
     tile.lo = block_lo;
@@ -164,58 +182,101 @@ __device__ __forceinline__ void mma_p_tile(float (&acc)[kD / 8][4], const uint32
 // The K and V tiles of one (batch, token, kv head)'s selected blocks, streamed
 // through a warp's private cp.async ring of kStages shared-memory stages (each
 // stage: the K tile, then the V tile). Shared by the forward and dq kernels.
+// Only the loader walks the selection; the columns each staged tile shows the
+// query travel to the reader in a small register queue, and the lane's source
+// addresses are set up once, so a tile costs a few address steps.
 template <int kD, int kStages>
 struct SelectedKvPipeline {
   static constexpr int kTileBytes = kKeyTile * kD * 2;  // one bf16 [kKeyTile, kD] tile
   static constexpr int kStageBytes = 2 * kTileBytes;
+  static_assert(kStages >= 2, "one tile in flight while one is read");
 
-  const __nv_bfloat16* k_head;
-  const __nv_bfloat16* v_head;
-  int64_t row_stride;
-  int k_lo, k_hi;
-  TileWalker loader;  // runs kStages - 1 tiles ahead of walker
-  TileWalker walker;
+  TileWalker loader;           // runs kStages - 1 tiles ahead of the reader
   RowCopier<kD> rows;
-  uint32_t stage0;    // this warp's first stage
-  int lane;
-  KeyTile next_tile;
+  const __nv_bfloat16* k_lane;  // this lane's first row at position k_lo in k, and in v
+  const __nv_bfloat16* v_lane;
+  int64_t row_stride;
+  int k_lo, k_hi, qpos;
+  uint32_t stage0;              // this warp's first stage
+  int staged = 0, read = 0;     // tiles staged and handed out so far
+  int load_slot = 0, read_slot = 0;
+  uint32_t queue[kStages - 1];  // packed visible columns of the staged tiles not yet read
 
   // k/v: [B, Sk, Hkv, kD]; block_ids: [B, Sq, Hkv, top_k]; warp_smem: this warp's
   // kStages * kStageBytes of shared memory. Issues the first kStages - 1 tiles.
   __device__ SelectedKvPipeline(const __nv_bfloat16* k, const __nv_bfloat16* v, const int32_t* block_ids,
-                                const Shape& s, int b, int t, int kvh, int qpos, uint32_t warp_smem, int lane_)
-      : row_stride(static_cast<int64_t>(s.hkv) * kD), k_lo(static_cast<int>(s.k_start)),
-        k_hi(static_cast<int>(s.k_start) + s.sk),
-        loader{block_ids + ((static_cast<int64_t>(b) * s.sq + t) * s.hkv + kvh) * s.top_k, s.top_k, s.block_size,
-               k_lo, k_hi, qpos},
-        walker(loader), rows(lane_), stage0(warp_smem), lane(lane_) {
+                                const Shape& s, int b, int t, int kvh, int qpos_, uint32_t warp_smem, int lane)
+      : loader(block_ids + ((static_cast<int64_t>(b) * s.sq + t) * s.hkv + kvh) * s.top_k, s.top_k, s.block_size,
+               static_cast<int>(s.k_start), static_cast<int>(s.k_start) + s.sk, qpos_, lane),
+        rows(lane), row_stride(static_cast<int64_t>(s.hkv) * kD), k_lo(static_cast<int>(s.k_start)),
+        k_hi(static_cast<int>(s.k_start) + s.sk), qpos(qpos_), stage0(warp_smem) {
     const int64_t head_offset = static_cast<int64_t>(b) * s.sk * row_stride + static_cast<int64_t>(kvh) * kD;
-    k_head = k + head_offset;
-    v_head = v + head_offset;
+    k_lane = k + head_offset + rows.row0 * row_stride + rows.col;
+    v_lane = v + head_offset + rows.row0 * row_stride + rows.col;
 #pragma unroll
     for (int i = 0; i < kStages - 1; ++i) {
-      if (loader.next(next_tile)) stage(i, next_tile);
+      KeyTile tile;
+      if (loader.next(tile)) {
+        stage(tile);
+        queue[i] = packed_columns(tile);
+      }
       cp_async_commit();
     }
   }
 
-  __device__ void stage(int slot, const KeyTile& tile) {
-    const uint32_t base = stage0 + slot * kStageBytes;
-    rows.copy(base, k_head, row_stride, tile.start, k_lo, k_hi);
-    rows.copy(base + kTileBytes, v_head, row_stride, tile.start, k_lo, k_hi);
+  __device__ uint32_t packed_columns(const KeyTile& tile) const {
+    const TileColumns c = visible_columns(tile, qpos);
+    return static_cast<uint32_t>(c.lo) | static_cast<uint32_t>(c.hi) << 8;
   }
 
-  // The it-th selected tile (it counts from 0): waits until its stage has
-  // landed, issues the tile kStages - 1 ahead, and gives the stage's K and V
-  // shared-memory addresses. False after the last tile.
-  __device__ bool next(int it, KeyTile& tile, uint32_t& k_tile, uint32_t& v_tile) {
-    if (!walker.next(tile)) return false;
+  __device__ void stage(const KeyTile& tile) {
+    const uint32_t base = stage0 + load_slot * kStageBytes;
+    load_slot = load_slot + 1 == kStages ? 0 : load_slot + 1;
+    ++staged;
+    const int64_t offset = static_cast<int64_t>(tile.start - k_lo) * row_stride;
+    const int64_t step = RowCopier<kD>::kRowStep * row_stride;
+    if (tile.start >= k_lo && tile.start + kKeyTile <= k_hi) {  // the usual case: every row is there
+#pragma unroll
+      for (int i = 0; i < RowCopier<kD>::kPerLane; ++i) {
+        cp_async_16(base + rows.dst[i], k_lane + offset + i * step, true);
+        cp_async_16(base + kTileBytes + rows.dst[i], v_lane + offset + i * step, true);
+      }
+    } else {
+      const int64_t to_head = -(rows.row0 * row_stride + rows.col);  // row k_lo, column 0: always mapped
+#pragma unroll
+      for (int i = 0; i < RowCopier<kD>::kPerLane; ++i) {
+        const int pos = tile.start + rows.row0 + i * RowCopier<kD>::kRowStep;
+        const bool valid = pos >= k_lo && pos < k_hi;
+        const int64_t at = valid ? offset + i * step : to_head;
+        cp_async_16(base + rows.dst[i], k_lane + at, valid);
+        cp_async_16(base + kTileBytes + rows.dst[i], v_lane + at, valid);
+      }
+    }
+  }
+
+  // The next selected tile: waits until its stage has landed, issues the tile
+  // kStages - 1 ahead, and gives the columns the query sees and the stage's K and
+  // V shared-memory addresses. False after the last tile.
+  __device__ bool next(TileColumns& cols, uint32_t& k_tile, uint32_t& v_tile) {
+    if (read == staged) return false;
     cp_async_wait<kStages - 2>();
     __syncwarp();
-    if (loader.next(next_tile)) stage((it + kStages - 1) % kStages, next_tile);
+    const uint32_t c = queue[0];
+    cols.lo = static_cast<int>(c & 0xffu);
+    cols.hi = static_cast<int>(c >> 8);
+    cols.full = c == static_cast<uint32_t>(kKeyTile) << 8;
+#pragma unroll
+    for (int i = 0; i + 1 < kStages - 1; ++i) queue[i] = queue[i + 1];
+    KeyTile tile;
+    if (loader.next(tile)) {
+      stage(tile);
+      queue[kStages - 2] = packed_columns(tile);  // the loader was kStages - 1 ahead until now
+    }
     cp_async_commit();
-    k_tile = stage0 + (it % kStages) * kStageBytes;
+    k_tile = stage0 + read_slot * kStageBytes;
     v_tile = k_tile + kTileBytes;
+    read_slot = read_slot + 1 == kStages ? 0 : read_slot + 1;
+    ++read;
     return true;
   }
 };
