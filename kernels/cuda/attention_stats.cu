@@ -59,7 +59,7 @@ struct RowStats {
 
 template <int kD>
 __global__ void __launch_bounds__(kWarps * 32) stats_kernel(const StatsParams p) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];
   const Shape& s = p.shape;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int group = lane >> 2, tig = lane & 3;

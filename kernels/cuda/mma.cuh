@@ -88,29 +88,32 @@ __device__ __forceinline__ uint32_t tile_offset(int row, int chunk) {
   return static_cast<uint32_t>((row * kD + ((chunk ^ (row & 7)) << 3)) * 2);  // bytes
 }
 
-// ldmatrix address of this lane for the fragments of a [16 x kD] tile at k-step ks:
+// ldmatrix address of this lane for the fragments of a [16 x kD] tile at k-step
+// ks. The tile's address must be a multiple of 2 * kD bytes (every tile here is:
+// tiles are whole multiples of that size apart from a 1024-byte aligned base).
+// Then row r's chunk c sits at (tile + r * 2 kD) | ((c ^ (r & 7)) << 4), and for a
+// fixed lane (r, c = 2 ks + b) that is (tile + r * 2 kD + ((b ^ (r & 7)) << 4))
+// ^ (ks << 5): one xor per k-step.
+template <int kD>
+__device__ __forceinline__ uint32_t ldm_address(uint32_t tile, int row, int low_chunk_bit, int ks) {
+  return (tile + row * kD * 2 + ((low_chunk_bit ^ (row & 7)) << 4)) ^ (ks << 5);
+}
 //  b_operand_rows: B fragments of two n-tiles, tile rows are n (K for Q K^T):
 //    returns {b0, b1} of rows 0-7 and {b0, b1} of rows 8-15.
 template <int kD>
 __device__ __forceinline__ uint32_t ldm_rows_as_n(uint32_t tile, int lane, int ks) {
-  const int row = (lane & 7) + ((lane >> 4) << 3);
-  const int chunk = ks * 2 + ((lane >> 3) & 1);
-  return tile + tile_offset<kD>(row, chunk);
+  return ldm_address<kD>(tile, (lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1, ks);
 }
 //  A fragment of rows 0-15 at k-step ks (tile rows are m): a0..a3.
 template <int kD>
 __device__ __forceinline__ uint32_t ldm_rows_as_m(uint32_t tile, int lane, int ks) {
-  const int row = (lane & 7) + (((lane >> 3) & 1) << 3);
-  const int chunk = ks * 2 + (lane >> 4);
-  return tile + tile_offset<kD>(row, chunk);
+  return ldm_address<kD>(tile, (lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4, ks);
 }
 //  With .trans: B fragments where tile rows are k (V for P V): n-tiles 2*dn and
 //  2*dn+1 (columns dn*16 .. dn*16+15): {b0, b1} of the first, {b0, b1} of the second.
 template <int kD>
 __device__ __forceinline__ uint32_t ldm_rows_as_k(uint32_t tile, int lane, int dn) {
-  const int row = (lane & 7) + (((lane >> 3) & 1) << 3);
-  const int chunk = dn * 2 + (lane >> 4);
-  return tile + tile_offset<kD>(row, chunk);
+  return ldm_address<kD>(tile, (lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4, dn);
 }
 
 __device__ __forceinline__ float quad_max(float v) {

@@ -103,7 +103,7 @@ template <int kD, int kMT, int kPack>
 __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) select_kernel(const SelectParams p) {
   using C = SelectConfig<kD, kMT, kPack>;
   constexpr int kUnits = C::kUnits, kTokens = C::kTokens;
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];
   float* colsum = reinterpret_cast<float*>(smem + device::chunk_stream_bytes<kD>());  // [kWarps][kChunk]
   const Shape& s = p.shape;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -32,10 +32,11 @@ template <int kD>
 __host__ __device__ constexpr int dkdv_stages() {
   return kD == 64 ? 3 : 2;
 }
-// Per stage: Q rows, dO rows [16, kD] bf16 each, then lse2 and delta [16] fp32.
+// Per stage: Q rows, dO rows [16, kD] bf16 each, then lse2 and delta [16] fp32,
+// padded so that every tile stays at a multiple of 2 * kD bytes (ldm_address).
 template <int kD>
 __host__ __device__ constexpr int stage_bytes() {
-  return 2 * tile_bytes<kD>() + 2 * 16 * 4;
+  return (2 * tile_bytes<kD>() + 2 * 16 * 4 + 2 * kD - 1) / (2 * kD) * (2 * kD);
 }
 // Per warp: the K and V tiles, then the stages.
 template <int kD>
@@ -78,7 +79,7 @@ __device__ Item decode_item(const BackwardDkdvParams& p, int64_t warp_index) {
 template <int kD>
 __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 12 : 4) backward_dkdv_kernel(const BackwardDkdvParams p) {
   constexpr int kStages = dkdv_stages<kD>();
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];
   const Shape& s = p.shape;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
@@ -118,9 +119,18 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 12 : 4) backward_dkdv_
     }
   };
   Cursor staged{it.begin, 0}, current{it.begin, 0};
+  // The item's query rows, read once: entry begin + i in lane i % 32 of tok_lo or tok_hi.
+  static_assert(kMaxEntriesPerItem <= 64, "two entries per lane");
+  const int n_entries = it.end - it.begin;
+  const int tok_lo = lane < n_entries ? p.entry_token[it.begin + lane] : 0;
+  const int tok_hi = lane + 32 < n_entries ? p.entry_token[it.begin + 32 + lane] : 0;
+  auto token_of = [&](int e) {  // warp-uniform e
+    const int i = e - it.begin;
+    return __shfl_sync(0xffffffffu, i < 32 ? tok_lo : tok_hi, i & 31);
+  };
   auto stage = [&](int slot, const Cursor& c) {
     const int e = c.e, mt = c.mt;
-    const int t = p.entry_token[e];
+    const int t = token_of(e);
     const int head0 = it.kvh * group_size + mt * 16;
     const int rows_valid = min(16, group_size - mt * 16);
     const int64_t row0 = (static_cast<int64_t>(it.b) * s.sq + t) * s.hq + head0;
@@ -176,7 +186,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 12 : 4) backward_dkdv_
     const uint32_t do_tile = q_tile + tile_bytes<kD>();
     const float* lse2 = stage0_f + slot * (stage_bytes<kD>() / 4) + 2 * tile_bytes<kD>() / 4;
     const float* delta = lse2 + 16;
-    const int64_t qpos = s.q_pos(p.entry_token[current.e]);
+    const int64_t qpos = s.q_pos(token_of(current.e));
     advance(current);
     if (!kKvInRegisters) load_kv();
 
