@@ -56,6 +56,32 @@ struct KvGradWork {
   const InvertedIndex* prebuilt = nullptr;
 };
 
+// The inverted index for dk/dv depends only on the block ids. It is built on a
+// high-priority side stream: its many small kernels then get SMs as soon as the
+// big kernel running beside them (the forward, or dq) frees some, instead of
+// after that kernel's last wave. `ids_ready` was recorded on the current stream
+// once the ids were; `user` (the stream that reads the index) waits on `done`.
+// deterministic: the exact item count is read back (it sizes the partial sums).
+struct IndexInFlight {
+  InvertedIndex index;
+  at::cuda::CUDAEvent done;
+};
+
+IndexInFlight index_beside(at::cuda::CUDAEvent& ids_ready, const at::Tensor& block_ids, const Shape& shape,
+                           bool deterministic, const c10::cuda::CUDAStream& user) {
+  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(true, block_ids.device().index());
+  ids_ready.block(side);
+  IndexInFlight flight;
+  const c10::cuda::CUDAStreamGuard on_side(side);
+  flight.index = build_inverted_index(block_ids, shape, deterministic);
+  for (at::Tensor* t : {&flight.index.entry_token, &flight.index.item_bucket, &flight.index.item_begin,
+                        &flight.index.item_end, &flight.index.bucket_item_begin, &flight.index.n_items_device}) {
+    t->record_stream(user);
+  }
+  flight.done.record(side);
+  return flight;
+}
+
 // dq runs on the current stream. The index dk/dv need (unless prebuilt) is built
 // on a side stream meanwhile, and dk/dv follow there once dq has written delta
 // and lse_log2 (each of the two kernels fills the SMs' registers, so they would
@@ -99,18 +125,25 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
 
   if (!kv.wanted) return g;  // k and v need no gradient
 
-  // Side stream: the index (unless prebuilt) while dq runs, then dk/dv.
+  // Side stream: dk/dv once dq is done, and the index (unless prebuilt) built
+  // beside dq on a stream of its own.
   const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, q.device().index());
-  std::optional<InvertedIndex> built;
+  std::optional<IndexInFlight> built;
   if (build_index) {
-    inputs_ready.block(side);
+    built.emplace(index_beside(inputs_ready, block_ids, shape, deterministic, side));
+    built->done.block(side);
+  }
+  // dk/dv's zeroed accumulator (atomic mode) is filled while dq runs.
+  const bool fresh_acc = !deterministic && into == nullptr;
+  at::Tensor acc;
+  if (fresh_acc) {
     const c10::cuda::CUDAStreamGuard on_side(side);
-    built = build_inverted_index(block_ids, shape, deterministic);
+    acc = at::zeros({2, k.size(0), k.size(1), k.size(2), k.size(3)}, f32);
   }
   dq_done.block(side);
   {
     const c10::cuda::CUDAStreamGuard on_side(side);
-    const InvertedIndex& index = built ? *built : *kv.prebuilt;
+    const InvertedIndex& index = built ? built->index : *kv.prebuilt;
     BackwardDkdvParams kp;
     kp.shape = shape;
     kp.q = bf16_ptr(q);
@@ -153,7 +186,6 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
       SSA_CUDA_CHECK(launch_backward_dkdv(kp, side));
     } else {
       // One zeroed fp32 buffer for both, one conversion of both.
-      at::Tensor acc = at::zeros({2, k.size(0), k.size(1), k.size(2), k.size(3)}, f32);
       kp.dk_acc = acc[0].data_ptr<float>();
       kp.dv_acc = acc[1].data_ptr<float>();
       SSA_CUDA_CHECK(launch_backward_dkdv(kp, side));
@@ -182,34 +214,6 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
   side_done.record(side);
   side_done.block(main_stream);
   return g;
-}
-
-// The inverted index for dk/dv depends only on the block ids: when dk or dv will be
-// needed it is built during the forward on a side stream (its many small kernels
-// overlap the forward kernel) and kept for the backward. `ids_ready` was recorded
-// on the current stream once the ids were (before the forward kernel was queued,
-// so neither the side stream nor the forward's launch waits for the other); the
-// current stream waits on `done` before anything reads the index.
-// deterministic: the exact item count is read back (it sizes the partial sums).
-struct IndexInFlight {
-  InvertedIndex index;
-  at::cuda::CUDAEvent done;
-};
-
-IndexInFlight index_beside(at::cuda::CUDAEvent& ids_ready, const at::Tensor& block_ids, const Shape& shape,
-                           bool deterministic) {
-  const c10::cuda::CUDAStream main_stream = at::cuda::getCurrentCUDAStream();
-  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, block_ids.device().index());
-  ids_ready.block(side);
-  IndexInFlight flight;
-  const c10::cuda::CUDAStreamGuard on_side(side);
-  flight.index = build_inverted_index(block_ids, shape, deterministic);
-  for (at::Tensor* t : {&flight.index.entry_token, &flight.index.item_bucket, &flight.index.item_begin,
-                        &flight.index.item_end, &flight.index.bucket_item_begin, &flight.index.n_items_device}) {
-    t->record_stream(main_stream);
-  }
-  flight.done.record(side);
-  return flight;
 }
 
 void save_index(AutogradContext* ctx, const InvertedIndex& index) {
@@ -272,8 +276,10 @@ class SparseAttentionFunction : public torch::autograd::Function<SparseAttention
     if (kv_grad) ids_ready.record(at::cuda::getCurrentCUDAStream());
     AttentionResult r = forward_kernel(q, k, v, block_ids, shape);
     if (kv_grad) {
-      IndexInFlight index = index_beside(ids_ready, block_ids, shape, deterministic);
-      index.done.block(at::cuda::getCurrentCUDAStream());
+      // The backward's index, built beside the forward kernel and kept.
+      const c10::cuda::CUDAStream current = at::cuda::getCurrentCUDAStream();
+      IndexInFlight index = index_beside(ids_ready, block_ids, shape, deterministic, current);
+      index.done.block(current);
       save_index(ctx, index.index);
     }
     ctx->save_for_backward({q, k, v, block_ids, r.out, r.lse});
