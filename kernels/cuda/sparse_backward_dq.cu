@@ -108,15 +108,7 @@ __global__ void __launch_bounds__(kWarps * 32) backward_dq_kernel(const Backward
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) prob[nt][e] = exp2f(fmaf(sc[nt][e], scale_log2, -lse2[e >> 1]));
-    if (!cols.full) {  // warp-uniform: most tiles skip the mask
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = nt * 8 + tig * 2 + (e & 1);
-          if (c < cols.lo || c >= cols.hi) prob[nt][e] = 0.f;
-        }
-    }
+    device::mask_columns(prob, cols, tig, 0.f);
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll

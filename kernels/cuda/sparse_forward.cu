@@ -77,15 +77,7 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_forward_kernel(const Forwa
     float sc[2][4];
     device::mma_a_tile_t<kD>(sc, qf, k_tile, lane);
     float tile_max[2] = {-INFINITY, -INFINITY};  // of the raw scores (the scale is positive)
-    if (!cols.full) {  // warp-uniform: most tiles skip the mask
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = nt * 8 + tig * 2 + (e & 1);
-          if (c < cols.lo || c >= cols.hi) sc[nt][e] = -INFINITY;
-        }
-    }
+    device::mask_columns(sc, cols, tig, -INFINITY);
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll

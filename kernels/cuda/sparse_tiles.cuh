@@ -35,6 +35,20 @@ __device__ __forceinline__ TileColumns visible_columns(const KeyTile& t, int qpo
   return c;
 }
 
+// Sets the entries of S [16 rows x 16 keys] (two C fragments) whose keys lie
+// outside [cols.lo, cols.hi) to `masked`. cols is warp-uniform, and most tiles
+// are full: they skip the mask.
+__device__ __forceinline__ void mask_columns(float (&s)[2][4], const TileColumns& cols, int tig, float masked) {
+  if (cols.full) return;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int c = nt * 8 + tig * 2 + (e & 1);
+      if (c < cols.lo || c >= cols.hi) s[nt][e] = masked;
+    }
+}
+
 // Yields, in slot order, the tiles of the selected blocks that hold at least one
 // key of the chunk [k_lo, k_hi) at or before q_max. Ids < 0 are skipped. Every
 // lane of a warp walks the same sequence (warp-uniform branches). The ids are
