@@ -61,7 +61,7 @@ struct KvGradWork {
 // was recorded on the current stream once the ids were; `user` (the stream that
 // reads the index) waits on `done`. (A high-priority stream let the index's small
 // kernels in before the forward's last wave at 32K tokens, but made the 8K case
-// slower and less steady: 0.86-1.34 ms against 0.76-0.82 ms in one session.)
+// slower and less steady: 0.86-1.34 ms against 0.76-0.82 ms on one machine.)
 // deterministic: the exact item count is read back (it sizes the partial sums).
 struct IndexInFlight {
   InvertedIndex index;

@@ -119,18 +119,14 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 12 : 4) backward_dkdv_
     }
   };
   Cursor staged{it.begin, 0}, current{it.begin, 0};
-  // The item's query rows, read once: entry begin + i in lane i % 32 of tok<i / 32>.
-  static_assert(kMaxEntriesPerItem % 32 == 0 && kMaxEntriesPerItem <= 128, "up to four entries per lane");
+  // The item's query rows, read once: entry begin + i in lane i % 32 of tok_lo or tok_hi.
+  static_assert(kMaxEntriesPerItem <= 64, "two entries per lane");
   const int n_entries = it.end - it.begin;
-  auto load_token = [&](int j) { return 32 * j + lane < n_entries ? p.entry_token[it.begin + 32 * j + lane] : 0; };
-  const int tok0 = load_token(0);
-  const int tok1 = kMaxEntriesPerItem > 32 ? load_token(1) : 0;
-  const int tok2 = kMaxEntriesPerItem > 64 ? load_token(2) : 0;
-  const int tok3 = kMaxEntriesPerItem > 96 ? load_token(3) : 0;
+  const int tok_lo = lane < n_entries ? p.entry_token[it.begin + lane] : 0;
+  const int tok_hi = lane + 32 < n_entries ? p.entry_token[it.begin + 32 + lane] : 0;
   auto token_of = [&](int e) {  // warp-uniform e
-    const int i = e - it.begin, part = i >> 5;
-    const int held = part == 0 ? tok0 : part == 1 ? tok1 : part == 2 ? tok2 : tok3;
-    return __shfl_sync(0xffffffffu, held, i & 31);
+    const int i = e - it.begin;
+    return __shfl_sync(0xffffffffu, i < 32 ? tok_lo : tok_hi, i & 31);
   };
   auto stage = [&](int slot, const Cursor& c) {
     const int e = c.e, mt = c.mt;
