@@ -137,18 +137,27 @@ template <int kD, int kThreads, bool kAsyncProxy = false, typename F>
 __device__ void stream_chunks(int n_chunks, int n_rows, bool with_lo, const __nv_bfloat16* hi,
                               const __nv_bfloat16* lo, uint32_t buffers, F&& f) {
   constexpr int kChunkBytes = kChunk * kD * 2;
-  constexpr int kPieces = kChunk * kD / 8;  // 16-byte pieces per chunk
+  // A thread copies one 16-byte piece of kPasses rows, kRowStep rows apart; the
+  // step keeps row & 7, so the swizzled offsets differ by a constant.
+  constexpr int kPiecesPerRow = kD / 8;
+  constexpr int kRowStep = kThreads / kPiecesPerRow;
+  constexpr int kPasses = kChunk / kRowStep;
+  static_assert(kThreads % kPiecesPerRow == 0 && kChunk % kRowStep == 0 && kRowStep % 8 == 0,
+                "the chunk's pieces split evenly over the threads");
+  const int row0 = threadIdx.x / kPiecesPerRow, piece = threadIdx.x % kPiecesPerRow;
+  const uint32_t dst0 = tile_offset<kD>(row0, piece);
   auto stage = [&](int c) {  // always commits one group (empty past the end)
     if (c < n_chunks) {
-      const uint32_t base = buffers + (c % kChunkBuffers) * 2 * kChunkBytes;
-      for (int i = threadIdx.x; i < kPieces; i += kThreads) {
-        const int row = i / (kD / 8), piece = i % (kD / 8);
-        const int64_t r = static_cast<int64_t>(c) * kChunk + row;
-        const bool valid = r < n_rows;
-        const int64_t off = valid ? r * kD + piece * 8 : 0;
-        const uint32_t dst = tile_offset<kD>(row, piece);
-        cp_async_16(base + dst, hi + off, valid);
-        if (with_lo) cp_async_16(base + kChunkBytes + dst, lo + off, valid);
+      const uint32_t base = buffers + (c % kChunkBuffers) * 2 * kChunkBytes + dst0;
+      const int r0 = c * kChunk + row0;
+      const int64_t off0 = static_cast<int64_t>(r0) * kD + piece * 8;
+#pragma unroll
+      for (int j = 0; j < kPasses; ++j) {
+        const bool valid = r0 + j * kRowStep < n_rows;
+        const int64_t off = valid ? off0 + j * kRowStep * kD : 0;
+        const uint32_t dst = base + j * kRowStep * kD * 2;
+        cp_async_16(dst, hi + off, valid);
+        if (with_lo) cp_async_16(dst + kChunkBytes, lo + off, valid);
       }
     }
     cp_async_commit();
