@@ -33,14 +33,13 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
   at::Tensor ids = at::empty({q.size(0), q.size(1), pooled.size(2), options.top_k}, q.options().dtype(at::kInt));
   if (q.size(1) == 0) return ids;
 
-  // fp32 pooled keys as hi + lo bf16 parts, [B, Hkv, Nb, D] each, and each chunk's
-  // largest key norm (one kernel).
+  // fp32 pooled keys as hi + lo bf16 parts in the kernels' chunk images, and each
+  // chunk's largest key norm (one kernel).
   at::Tensor pk = pooled.detach().to(at::kFloat);
   const int64_t d = pk.size(3), hkv = pk.size(2);
   if (pk.stride(3) != 1 || pk.stride(2) != d || pk.stride(1) != hkv * d) pk = pk.contiguous();
-  at::Tensor hi = at::empty({pk.size(0), hkv, pk.size(1), d}, pk.options().dtype(at::kBFloat16));
-  at::Tensor lo = at::empty_like(hi);
   const int64_t n_chunks = (pk.size(1) + kSelectChunk - 1) / kSelectChunk;
+  at::Tensor tiles = at::empty({pk.size(0), hkv, n_chunks, 2, kSelectChunk * d}, pk.options().dtype(at::kBFloat16));
   at::Tensor chunk_norm = at::empty({pk.size(0), hkv, n_chunks}, pk.options());
   SplitParams sp;
   sp.pooled = pk.data_ptr<float>();
@@ -49,8 +48,7 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
   sp.n_blocks = to_int(fn, "Nb", pk.size(1));
   sp.heads = to_int(fn, "Hkv", hkv);
   sp.head_dim = to_int(fn, "head dim", d);
-  sp.hi = bf16_mut(hi);
-  sp.lo = bf16_mut(lo);
+  sp.tiles = bf16_mut(tiles);
   sp.chunk_norm = chunk_norm.data_ptr<float>();
   SSA_CUDA_CHECK(launch_split(sp, at::cuda::getCurrentCUDAStream()));
   const at::Tensor qc = q.detach().contiguous();
@@ -59,8 +57,7 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
   p.n_blocks = to_int(fn, "Nb", pooled.size(1));
   p.per_query_block = options.mode == SelectionMode::kQueryBlock;
   p.q = bf16_ptr(qc);
-  p.pooled_hi = bf16_ptr(hi);
-  p.pooled_lo = bf16_ptr(lo);
+  p.pooled_tiles = bf16_ptr(tiles);
   p.chunk_norm = chunk_norm.data_ptr<float>();
   at::Tensor scratch;
   if (p.per_query_block) {

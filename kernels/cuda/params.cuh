@@ -168,30 +168,31 @@ cudaError_t launch_pool(const PoolParams& p, cudaStream_t stream);
 // Pooled blocks per chunk of the selection kernel's stream.
 constexpr int kSelectChunk = 64;
 
-// pooled [B, Nb, Hkv, D] fp32 (dims 1-3 contiguous) -> hi = bf16(x), lo =
-// bf16(x - hi), each [B, Hkv, Nb, D], and chunk_norm [B, Hkv, ceil(Nb / kSelectChunk)]:
-// the largest |pooled row| of each chunk. The selection kernel's operands.
+// pooled [B, Nb, Hkv, D] fp32 (dims 1-3 contiguous) -> the selection kernels'
+// operands: chunk images [B, Hkv, ceil(Nb / kSelectChunk), 2, kSelectChunk * D]
+// bf16, per chunk a hi tile (bf16(x)) then a lo tile (bf16(x - hi)), each laid out
+// exactly as the kernels' swizzled shared-memory tile (tile_offset, mma.cuh; rows
+// past Nb zero), so a chunk streams in as one contiguous copy; and chunk_norm
+// [B, Hkv, ceil(Nb / kSelectChunk)]: the largest |pooled row| of each chunk.
 struct SplitParams {
   const float* pooled = nullptr;
   int64_t pooled_batch_stride = 0;
   int batch = 0, n_blocks = 0, heads = 0, head_dim = 0;
-  __nv_bfloat16* hi = nullptr;
-  __nv_bfloat16* lo = nullptr;
+  __nv_bfloat16* tiles = nullptr;
   float* chunk_norm = nullptr;
 };
 cudaError_t launch_split(const SplitParams& p, cudaStream_t stream);
 
-// Selection. pooled_hi + pooled_lo (bf16 each, [B, Hkv, Nb, D]) carry the fp32
-// pooled keys to about 16 bits of mantissa: the ranking pass uses both, the
-// normaliser pass the high part only.
+// Selection. The chunk images' hi + lo tiles (SplitParams) carry the fp32 pooled
+// keys to about 16 bits of mantissa: the ranking pass uses both, the normaliser
+// pass the high part only.
 struct SelectParams {
   Shape shape;  // sk unused; block_size, top_k, q_start used
   int n_blocks = 0;
   bool per_query_block = false;
   const __nv_bfloat16* q = nullptr;
-  const __nv_bfloat16* pooled_hi = nullptr;
-  const __nv_bfloat16* pooled_lo = nullptr;
-  const float* chunk_norm = nullptr;  // SplitParams::chunk_norm
+  const __nv_bfloat16* pooled_tiles = nullptr;  // SplitParams::tiles
+  const float* chunk_norm = nullptr;            // SplitParams::chunk_norm
   float* block_scores = nullptr;  // query-block mode: [B, Hkv, n_query_blocks, Nb] fp32 scratch
   int32_t* block_ids = nullptr;
 };

@@ -36,7 +36,8 @@ __global__ void __launch_bounds__(kThreads) pool_kernel(const PoolParams p) {
 }
 
 // One CTA per (b, head, chunk of kSelectChunk pooled blocks), one warp per row at a
-// time, lanes over d: writes hi/lo [B, Hkv, Nb, D] and the chunk's largest key norm.
+// time, lanes over d: writes the chunk's hi and lo tiles (zero rows past Nb) and
+// its largest key norm.
 __global__ void __launch_bounds__(kThreads) split_kernel(const SplitParams p) {
   __shared__ float warp_max[kThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -44,17 +45,23 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const SplitParams p) {
   const int chunk = static_cast<int>(blockIdx.x % n_chunks);
   const int64_t bh = blockIdx.x / n_chunks;
   const int64_t h = bh % p.heads, b = bh / p.heads;
-  const int first = chunk * kSelectChunk, end = min(p.n_blocks, first + kSelectChunk);
+  const int64_t tile_elems = static_cast<int64_t>(kSelectChunk) * p.head_dim;
+  __nv_bfloat16* const hi = p.tiles + (bh * n_chunks + chunk) * 2 * tile_elems;
+  __nv_bfloat16* const lo = hi + tile_elems;
+  const int first = chunk * kSelectChunk;
   float largest = 0.f;  // squared norm
-  for (int block = first + warp; block < end; block += kThreads / 32) {
+  for (int row = warp; row < kSelectChunk; row += kThreads / 32) {
+    const int block = first + row;
+    const bool real = block < p.n_blocks;
     const float* src = p.pooled + b * p.pooled_batch_stride + (static_cast<int64_t>(block) * p.heads + h) * p.head_dim;
-    const int64_t out = (bh * p.n_blocks + block) * p.head_dim;
     float sq = 0.f;
     for (int d = lane; d < p.head_dim; d += 32) {
-      const float x = src[d];
-      const __nv_bfloat16 hi = __float2bfloat16_rn(x);
-      p.hi[out + d] = hi;
-      p.lo[out + d] = __float2bfloat16_rn(x - __bfloat162float(hi));
+      const float x = real ? src[d] : 0.f;
+      const __nv_bfloat16 xh = __float2bfloat16_rn(x);
+      // tile_offset (mma.cuh): 8-element piece d / 8 of row `row` sits at piece (d / 8) ^ (row & 7).
+      const int at = row * p.head_dim + ((((d >> 3) ^ (row & 7)) << 3) | (d & 7));
+      hi[at] = xh;
+      lo[at] = __float2bfloat16_rn(x - __bfloat162float(xh));
       sq = fmaf(x, x, sq);
     }
     for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);

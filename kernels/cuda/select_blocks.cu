@@ -115,8 +115,6 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
   const device::SelectTile<kD> ct(p, tile_tokens);
   const int b = ct.b, kvh = ct.kvh, tile = ct.tile, t_begin = ct.t_begin, t_end = ct.t_end;
   const int n_blocks_cta = ct.n_blocks, n_chunks = ct.n_chunks;
-  const __nv_bfloat16* hi = ct.hi;
-  const __nv_bfloat16* lo = ct.lo;
   const uint32_t buffers = device::smem_address(smem);
   const int n_query_blocks = (s.sq + bs - 1) / bs;
   float* block_row = p.per_query_block
@@ -166,7 +164,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
       for (int u = 0; u < kUnits; ++u)
 #pragma unroll
         for (int h = 0; h < 4; ++h) m[u][h] = -INFINITY, l[u][h] = 0.f;
-      stream_chunks<kD, kWarps * 32>(n_chunks, p.n_blocks, false, hi, lo, buffers, [&](int c, uint32_t hi_tile, uint32_t) {
+      stream_chunks<kD, kWarps * 32>(n_chunks, false, ct.tiles, buffers, [&](int c, uint32_t hi_tile, uint32_t) {
         for (int step = 0; step < kChunk / 16; ++step) {
           const int j0 = c * kChunk + step * 16;
           if (j0 >= n_blocks_cta) break;
@@ -231,7 +229,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
     for (int u = 0; u < kUnits; ++u)
 #pragma unroll
       for (int h = 0; h < 4; ++h) m[u][h] = 0.f, l[u][h] = 0.f;
-    stream_chunks<kD, kWarps * 32>(n_chunks, p.n_blocks, false, hi, lo, buffers, [&](int c, uint32_t hi_tile, uint32_t) {
+    stream_chunks<kD, kWarps * 32>(n_chunks, false, ct.tiles, buffers, [&](int c, uint32_t hi_tile, uint32_t) {
       const float norm = chunk_norm[c];
 #pragma unroll
       for (int u = 0; u < kUnits; ++u)
@@ -290,7 +288,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
       best[i].init(lane, n_causal[i] - 1);
       thr[i] = best[i].threshold(top_k);
     }
-    stream_chunks<kD, kWarps * 32>(n_chunks, p.n_blocks, true, hi, lo, buffers, [&](int c, uint32_t hi_tile, uint32_t lo_tile) {
+    stream_chunks<kD, kWarps * 32>(n_chunks, true, ct.tiles, buffers, [&](int c, uint32_t hi_tile, uint32_t lo_tile) {
       for (int step = 0; step < kChunk / 16; ++step) {
         const int j0 = c * kChunk + step * 16;
         if (j0 >= n_blocks_cta) break;

@@ -62,8 +62,6 @@ __global__ void __launch_bounds__(kWarps * 32, 4) select_wgmma_kernel(const Sele
 
   const device::SelectTile<kD> ct(p, kWarps * kTokens);
   const int b = ct.b, kvh = ct.kvh, t_begin = ct.t_begin, t_end = ct.t_end, n_chunks = ct.n_chunks;
-  const __nv_bfloat16* hi = ct.hi;
-  const __nv_bfloat16* lo = ct.lo;
   const float* chunk_norm = ct.chunk_norm;
 
   int token[kTokens], n_causal[kTokens];
@@ -139,7 +137,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) select_wgmma_kernel(const Sele
         if (bounded) m[u][r] = 0.f;
         l[u][r] = 0.f;
       }
-    stream_chunks<kD, kWarps * 32, true>(n_chunks, p.n_blocks, false, hi, lo, buffers,
+    stream_chunks<kD, kWarps * 32, true>(n_chunks, false, ct.tiles, buffers,
                                          [&](int c, uint32_t hi_tile, uint32_t) {
       if (bounded) {
         const float norm = chunk_norm[c];
@@ -175,7 +173,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) select_wgmma_kernel(const Sele
   auto row_max = [&]() {
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) m[u][0] = m[u][1] = -INFINITY;
-    stream_chunks<kD, kWarps * 32, true>(n_chunks, p.n_blocks, false, hi, lo, buffers,
+    stream_chunks<kD, kWarps * 32, true>(n_chunks, false, ct.tiles, buffers,
                                          [&](int c, uint32_t hi_tile, uint32_t) {
 #pragma unroll
       for (int u = 0; u < kUnits; ++u) {
@@ -221,7 +219,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) select_wgmma_kernel(const Sele
     best[i].init(lane, n_causal[i] - 1);
     thr[i] = best[i].threshold(top_k);
   }
-  stream_chunks<kD, kWarps * 32, true>(n_chunks, p.n_blocks, true, hi, lo, buffers,
+  stream_chunks<kD, kWarps * 32, true>(n_chunks, true, ct.tiles, buffers,
                                        [&](int c, uint32_t hi_tile, uint32_t lo_tile) {
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) {
@@ -244,21 +242,22 @@ __global__ void __launch_bounds__(kWarps * 32, 4) select_wgmma_kernel(const Sele
         sum_over_groups(v, x, group);
         const int i = u * kRowTokens + t;
         const int own = n_causal[i] - 1;
-        // Blocks c * 64 + 2 * lane + e, taken in ascending order (the tie rule).
-        unsigned want[2];
+        // Blocks c * 64 + 2 * lane + e, taken in ascending order (the tie rule);
+        // blocks that may not join score -1, below every threshold.
+        float cand[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int j = c * kChunk + 2 * lane + e;
-          want[e] = __ballot_sync(kFull, j < n_causal[i] && j != own && x[e] > thr[i]);
+          cand[e] = j < n_causal[i] && j != own ? x[e] : -1.f;
         }
-        unsigned lanes = want[0] | want[1];
+        unsigned lanes = __ballot_sync(kFull, fmaxf(cand[0], cand[1]) > thr[i]);
         while (lanes != 0) {
           const int src = __ffs(lanes) - 1;
           lanes &= lanes - 1;
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float score = __shfl_sync(kFull, x[e], src);
-            if ((want[e] >> src & 1u) && score > thr[i]) {
+            const float score = __shfl_sync(kFull, cand[e], src);
+            if (score > thr[i]) {
               best[i].insert(score, c * kChunk + 2 * src + e, lane, top_k > 32);
               thr[i] = best[i].threshold(top_k);
             }

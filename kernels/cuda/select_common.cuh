@@ -31,12 +31,11 @@ constexpr float kUnderflowSum = 0x1p-80f;
 
 // A selection CTA's share of the launch: CTA -> (b, kv head, tile of tile_tokens
 // query tokens), the latest (heaviest) tiles first; the causal blocks any of its
-// tokens sees and their chunks; its (b, kv head)'s pooled rows and chunk norms.
+// tokens sees and their chunks; its (b, kv head)'s chunk images and chunk norms.
 template <int kD>
 struct SelectTile {
   int b, kvh, tile, t_begin, t_end, n_blocks, n_chunks;
-  const __nv_bfloat16* hi;
-  const __nv_bfloat16* lo;
+  const __nv_bfloat16* tiles;  // chunk images (SplitParams)
   const float* chunk_norm;
 
   __device__ SelectTile(const SelectParams& p, int tile_tokens) {
@@ -52,9 +51,9 @@ struct SelectTile {
     n_blocks = min(p.n_blocks, static_cast<int>(s.q_pos(t_end - 1) / s.block_size) + 1);  // positions grow with rows
     n_chunks = (n_blocks + kChunk - 1) / kChunk;
     const int64_t bh = static_cast<int64_t>(b) * s.hkv + kvh;
-    hi = p.pooled_hi + bh * p.n_blocks * kD;
-    lo = p.pooled_lo + bh * p.n_blocks * kD;
-    chunk_norm = p.chunk_norm + bh * ((p.n_blocks + kChunk - 1) / kChunk);
+    const int all_chunks = (p.n_blocks + kChunk - 1) / kChunk;
+    tiles = p.pooled_tiles + bh * all_chunks * 2 * kChunk * kD;
+    chunk_norm = p.chunk_norm + bh * all_chunks;
   }
 };
 
@@ -126,38 +125,29 @@ __host__ __device__ constexpr int chunk_stream_bytes() {
   return kChunkBuffers * 2 * kChunk * kD * 2;
 }
 
-// Streams chunks [0, n_chunks) of pooled rows (hi, and lo when with_lo) through
-// kChunkBuffers shared-memory buffers (swizzled [kChunk, kD] tiles; 1024-byte
-// aligned when `buffers` is, as wgmma needs); f(chunk, hi_tile, lo_tile) runs after
-// a CTA barrier. One barrier per chunk: chunk c + 2 is staged right after the
-// barrier of chunk c, into the buffer every thread finished with before it. Ends
-// with a barrier, so the buffers can be refilled. kAsyncProxy: the tiles are read
-// by wgmma, so each thread fences its copies for the async proxy before the barrier.
+// Streams chunks [0, n_chunks) of chunk images (their hi tiles, and lo tiles when
+// with_lo) through kChunkBuffers shared-memory buffers (1024-byte aligned when
+// `buffers` is, as wgmma needs); f(chunk, hi_tile, lo_tile) runs after a CTA
+// barrier. One barrier per chunk: chunk c + 2 is staged right after the barrier of
+// chunk c, into the buffer every thread finished with before it. Ends with a
+// barrier, so the buffers can be refilled. kAsyncProxy: the tiles are read by
+// wgmma, so each thread fences its copies for the async proxy before the barrier.
 template <int kD, int kThreads, bool kAsyncProxy = false, typename F>
-__device__ void stream_chunks(int n_chunks, int n_rows, bool with_lo, const __nv_bfloat16* hi,
-                              const __nv_bfloat16* lo, uint32_t buffers, F&& f) {
-  constexpr int kChunkBytes = kChunk * kD * 2;
-  // A thread copies one 16-byte piece of kPasses rows, kRowStep rows apart; the
-  // step keeps row & 7, so the swizzled offsets differ by a constant.
-  constexpr int kPiecesPerRow = kD / 8;
-  constexpr int kRowStep = kThreads / kPiecesPerRow;
-  constexpr int kPasses = kChunk / kRowStep;
-  static_assert(kThreads % kPiecesPerRow == 0 && kChunk % kRowStep == 0 && kRowStep % 8 == 0,
-                "the chunk's pieces split evenly over the threads");
-  const int row0 = threadIdx.x / kPiecesPerRow, piece = threadIdx.x % kPiecesPerRow;
-  const uint32_t dst0 = tile_offset<kD>(row0, piece);
+__device__ void stream_chunks(int n_chunks, bool with_lo, const __nv_bfloat16* tiles, uint32_t buffers, F&& f) {
+  constexpr int kTileElems = kChunk * kD;
+  constexpr int kChunkBytes = kTileElems * 2;
+  // The images are the tiles' bytes in order: thread i copies 16-byte pieces
+  // i, i + kThreads, ... of each tile, to the same offsets.
+  constexpr int kPasses = kTileElems / 8 / kThreads;
+  static_assert(kTileElems / 8 % kThreads == 0, "a tile's pieces split evenly over the threads");
   auto stage = [&](int c) {  // always commits one group (empty past the end)
     if (c < n_chunks) {
-      const uint32_t base = buffers + (c % kChunkBuffers) * 2 * kChunkBytes + dst0;
-      const int r0 = c * kChunk + row0;
-      const int64_t off0 = static_cast<int64_t>(r0) * kD + piece * 8;
+      const uint32_t dst = buffers + (c % kChunkBuffers) * 2 * kChunkBytes + threadIdx.x * 16;
+      const __nv_bfloat16* src = tiles + static_cast<int64_t>(c) * 2 * kTileElems + threadIdx.x * 8;
 #pragma unroll
       for (int j = 0; j < kPasses; ++j) {
-        const bool valid = r0 + j * kRowStep < n_rows;
-        const int64_t off = valid ? off0 + j * kRowStep * kD : 0;
-        const uint32_t dst = base + j * kRowStep * kD * 2;
-        cp_async_16(dst, hi + off, valid);
-        if (with_lo) cp_async_16(dst + kChunkBytes, lo + off, valid);
+        cp_async_16(dst + j * kThreads * 16, src + j * kThreads * 8);
+        if (with_lo) cp_async_16(dst + kChunkBytes + j * kThreads * 16, src + kTileElems + j * kThreads * 8);
       }
     }
     cp_async_commit();
