@@ -10,6 +10,7 @@
 // atomics (fast) or written out and summed in a fixed order (deterministic).
 #include <cuda_bf16.h>
 
+#include <climits>
 #include <cmath>
 
 #include "kernels/cuda/mma.cuh"
@@ -104,7 +105,16 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 12 : 4) backward_dkdv_
   copier.copy(v_tile, p.v + head_offset, row_stride, it.tile_start, k_lo, k_hi);
   device::cp_async_commit();
 
+  // Keys of the tile that exist: [key_lo, tile_hi) relative to its start; a query
+  // at relative position rel sees keys up to rel. Positions relative to the tile
+  // fit in int (token counts do).
   const int key_lo = it.lo > it.tile_start ? static_cast<int>(it.lo - it.tile_start) : 0;
+  const int tile_hi = static_cast<int>(min(it.hi - it.tile_start, static_cast<int64_t>(kKeyTile)));
+  const bool split = s.q_split < s.sq;  // zigzag: rows from q_split on sit at q_start_late + (row - q_split)
+  const int split_row = split ? static_cast<int>(s.q_split) : INT_MAX;
+  const int rel_early = static_cast<int>(s.q_start - it.tile_start);
+  const int rel_late = split ? static_cast<int>(s.q_start_late - s.q_split - it.tile_start) : 0;
+  auto rel_of = [&](int t) { return (t < split_row ? rel_early : rel_late) + t; };  // q_pos(t) - tile_start
 
   // Work units: (entry e, head tile mt), e-major; a cursor walks them without
   // dividing by mtiles.
@@ -128,19 +138,22 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 12 : 4) backward_dkdv_
     const int i = e - it.begin;
     return __shfl_sync(0xffffffffu, i < 32 ? tok_lo : tok_hi, i & 31);
   };
+  // The item's rows: token t's head tile mt starts at row t * hq + mt * 16 of
+  // these (q, do [.., kD] bf16; lse_log2, delta fp32), one multiply per unit.
+  const int64_t item_row = static_cast<int64_t>(it.b) * s.sq * s.hq + it.kvh * group_size;
+  const __nv_bfloat16* const q_item = p.q + item_row * kD;
+  const __nv_bfloat16* const do_item = p.dout + item_row * kD;
+  const float* const stats_item = (lane < 16 ? p.lse_log2 : p.delta) + item_row;
   auto stage = [&](int slot, const Cursor& c) {
-    const int e = c.e, mt = c.mt;
-    const int t = token_of(e);
-    const int head0 = it.kvh * group_size + mt * 16;
+    const int mt = c.mt;
     const int rows_valid = min(16, group_size - mt * 16);
-    const int64_t row0 = (static_cast<int64_t>(it.b) * s.sq + t) * s.hq + head0;
+    const int64_t row = static_cast<int64_t>(token_of(c.e)) * s.hq + mt * 16;
     const uint32_t base = stage0 + slot * stage_bytes<kD>();
-    device::stage_head_rows<kD>(copier, base, p.q + row0 * kD, rows_valid);
-    device::stage_head_rows<kD>(copier, base + tile_bytes<kD>(), p.dout + row0 * kD, rows_valid);
+    device::stage_head_rows<kD>(copier, base, q_item + row * kD, rows_valid);
+    device::stage_head_rows<kD>(copier, base + tile_bytes<kD>(), do_item + row * kD, rows_valid);
     const int r = lane & 15;
     const bool valid = r < rows_valid;
-    const float* src = lane < 16 ? p.lse_log2 : p.delta;
-    device::cp_async_4(base + 2 * tile_bytes<kD>() + lane * 4, valid ? src + row0 + r : src, valid);
+    device::cp_async_4(base + 2 * tile_bytes<kD>() + lane * 4, stats_item + (valid ? row + r : 0), valid);
   };
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
@@ -186,7 +199,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 12 : 4) backward_dkdv_
     const uint32_t do_tile = q_tile + tile_bytes<kD>();
     const float* lse2 = stage0_f + slot * (stage_bytes<kD>() / 4) + 2 * tile_bytes<kD>() / 4;
     const float* delta = lse2 + 16;
-    const int64_t qpos = s.q_pos(token_of(current.e));
+    const int rel = rel_of(token_of(current.e));
     advance(current);
     if (!kKvInRegisters) load_kv();
 
@@ -195,9 +208,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 12 : 4) backward_dkdv_
     device::mma_a_tile_t<kD>(dpt, vf, do_tile, lane);
     // Keys (rows) this query sees: [key_lo, key_hi) relative to the tile start.
     // Padded query rows have zero q, do, lse and delta and add nothing.
-    const int64_t seen = min(it.hi, qpos + 1) - it.tile_start;
-    const int key_hi = seen < kKeyTile ? static_cast<int>(seen) : kKeyTile;
-    const bool full = key_lo == 0 && key_hi == kKeyTile;
+    const int key_hi = min(rel + 1, tile_hi);
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
       const int col = nt * 8 + tig * 2;
@@ -205,15 +216,25 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 12 : 4) backward_dkdv_
       const float2 dl = *reinterpret_cast<const float2*>(delta + col);
 #pragma unroll
       for (int e2 = 0; e2 < 4; ++e2) {
-        const int key = group + 8 * (e2 >> 1);
         const float lse_c = (e2 & 1) ? l2.y : l2.x;
         const float delta_c = (e2 & 1) ? dl.y : dl.x;
-        float prob = exp2f(fmaf(st[nt][e2], scale_log2, -lse_c));
-        if (!full && (key < key_lo || key >= key_hi)) prob = 0.f;
-        st[nt][e2] = prob;
-        dpt[nt][e2] = prob * (dpt[nt][e2] - delta_c);
+        st[nt][e2] = exp2f(fmaf(st[nt][e2], scale_log2, -lse_c));
+        dpt[nt][e2] = dpt[nt][e2] - delta_c;
       }
     }
+    if (key_lo != 0 || key_hi != kKeyTile) {  // warp-uniform; most units see the whole tile
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e2 = 0; e2 < 4; ++e2) {
+          const int key = group + 8 * (e2 >> 1);
+          if (key < key_lo || key >= key_hi) st[nt][e2] = 0.f;
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e2 = 0; e2 < 4; ++e2) dpt[nt][e2] *= st[nt][e2];  // dS^T = P^T (dP^T - delta)
     uint32_t pa[4], dsa[4];
     device::c_to_a(pa, st[0], st[1]);
     device::c_to_a(dsa, dpt[0], dpt[1]);
