@@ -43,7 +43,7 @@ std::string train_args(const fs::path& data, const fs::path& run, int dp, int cp
          " --set model.hidden=32 --set model.n_layers=2 --set model.n_heads=4 --set model.n_kv_heads=2"
          " --set model.ffn_hidden=64 --set train.seq_len=64 --set train.global_batch=4 --set train.micro_batch=1"
          " --set attention.top_k=2 --set checkpoint.every=0 --set monitoring.enabled=false --set eval.at_end=false"
-         " --set monitoring.progress_every=1"
+         " --set monitoring.progress_every=1 --set train.device=cpu"
          " --set parallel.dp=" + std::to_string(dp) + " --set parallel.cp=" + std::to_string(cp) +
          " --set train.steps=" + std::to_string(steps);
 }
