@@ -11,9 +11,12 @@
 
 #include <fmt/format.h>
 
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
+#include <utility>
 
 #include "kernels/cuda_launch.h"
 #include "kernels/cuda_sparse_index.h"
@@ -54,14 +57,35 @@ struct Accumulators {
 struct KvGradWork {
   bool wanted = false;
   const InvertedIndex* prebuilt = nullptr;
+  at::cuda::CUDAEvent* prebuilt_ready = nullptr;  // set once `prebuilt` is complete
 };
+
+// The two side streams of this file on one device, the same on every call: the
+// caching allocator keeps freed blocks per stream, so a fresh pooled stream per
+// call made each call allocate its index and accumulators anew (cudaMalloc on the
+// host's path to the next launch) until the pool came round again, and left a
+// copy cached on each of its streams. The index's stream has high priority: its
+// chain of small kernels then takes SM slots as the forward's blocks retire,
+// instead of queueing behind every block of the forward and of dq.
+enum class SideRole { kIndex, kKvGrad };
+
+c10::cuda::CUDAStream side_stream(c10::DeviceIndex device, SideRole role) {
+  static std::mutex mutex;
+  static std::map<std::pair<c10::DeviceIndex, SideRole>, c10::cuda::CUDAStream> streams;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = streams.find({device, role});
+  if (it == streams.end()) {
+    const bool high_priority = role == SideRole::kIndex;
+    it = streams.emplace(std::make_pair(device, role), c10::cuda::getStreamFromPool(high_priority, device)).first;
+  }
+  return it->second;
+}
 
 // The inverted index for dk/dv depends only on the block ids, so it is built on a
 // side stream beside the forward (kept for the backward) or beside dq. `ids_ready`
-// was recorded on the current stream once the ids were; `user` (the stream that
-// reads the index) waits on `done`. (A high-priority stream let the index's small
-// kernels in before the forward's last wave at 32K tokens, but made the 8K case
-// slower and less steady: 0.86-1.34 ms against 0.76-0.82 ms on one machine.)
+// was recorded on the current stream once the ids were; the stream that runs dk/dv
+// waits on `done`, and `user` (the stream the index's memory goes back to) is
+// recorded on its tensors.
 // deterministic: the exact item count is read back (it sizes the partial sums).
 struct IndexInFlight {
   InvertedIndex index;
@@ -70,8 +94,9 @@ struct IndexInFlight {
 
 IndexInFlight index_beside(at::cuda::CUDAEvent& ids_ready, const at::Tensor& block_ids, const Shape& shape,
                            bool deterministic, const c10::cuda::CUDAStream& user) {
-  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, block_ids.device().index());
+  const c10::cuda::CUDAStream side = side_stream(block_ids.device().index(), SideRole::kIndex);
   ids_ready.block(side);
+  block_ids.record_stream(side);  // the caller's stream may not wait for the index
   IndexInFlight flight;
   const c10::cuda::CUDAStreamGuard on_side(side);
   flight.index = build_inverted_index(block_ids, shape, deterministic);
@@ -128,7 +153,7 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
 
   // Side stream: dk/dv once dq is done, and the index (unless prebuilt) built
   // beside dq on a stream of its own.
-  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, q.device().index());
+  const c10::cuda::CUDAStream side = side_stream(q.device().index(), SideRole::kKvGrad);
   std::optional<IndexInFlight> built;
   if (build_index) {
     built.emplace(index_beside(inputs_ready, block_ids, shape, deterministic, side));
@@ -144,6 +169,7 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
   dq_done.block(side);
   {
     const c10::cuda::CUDAStreamGuard on_side(side);
+    if (!built && kv.prebuilt_ready != nullptr) kv.prebuilt_ready->block(side);
     const InvertedIndex& index = built ? built->index : *kv.prebuilt;
     BackwardDkdvParams kp;
     kp.shape = shape;
@@ -217,6 +243,12 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
   return g;
 }
 
+// The completion event of an index built beside the forward, kept in the autograd
+// context until the backward's dk/dv stream waits on it.
+struct IndexReady : torch::CustomClassHolder {
+  at::cuda::CUDAEvent done;
+};
+
 void save_index(AutogradContext* ctx, const InvertedIndex& index) {
   ctx->saved_data["index.entry_token"] = index.entry_token;
   ctx->saved_data["index.item_bucket"] = index.item_bucket;
@@ -277,11 +309,13 @@ class SparseAttentionFunction : public torch::autograd::Function<SparseAttention
     if (kv_grad) ids_ready.record(at::cuda::getCurrentCUDAStream());
     AttentionResult r = forward_kernel(q, k, v, block_ids, shape);
     if (kv_grad) {
-      // The backward's index, built beside the forward kernel and kept.
-      const c10::cuda::CUDAStream current = at::cuda::getCurrentCUDAStream();
-      IndexInFlight index = index_beside(ids_ready, block_ids, shape, deterministic, current);
-      index.done.block(current);
+      // The backward's index, built beside the forward kernel and kept. Nothing on
+      // this stream waits for it: only the backward's dk/dv does (after dq).
+      IndexInFlight index = index_beside(ids_ready, block_ids, shape, deterministic, at::cuda::getCurrentCUDAStream());
       save_index(ctx, index.index);
+      auto ready = c10::make_intrusive<IndexReady>();
+      ready->done = std::move(index.done);
+      ctx->saved_data["index.ready"] = c10::IValue::make_capsule(std::move(ready));
     }
     ctx->save_for_backward({q, k, v, block_ids, r.out, r.lse});
     ctx->saved_data["block_size"] = block_size;
@@ -306,10 +340,15 @@ class SparseAttentionFunction : public torch::autograd::Function<SparseAttention
     at::Tensor dout = grads[0].defined() ? grads[0].to(at::kBFloat16).contiguous() : at::zeros_like(out);
     at::Tensor dlse = grads[1].defined() ? grads[1].to(at::kFloat).contiguous() : at::Tensor();
     InvertedIndex index;
+    c10::intrusive_ptr<IndexReady> ready;
     const bool has_index = ctx->saved_data["has_index"].toBool();
-    if (has_index) index = load_index(ctx);
+    if (has_index) {
+      index = load_index(ctx);
+      ready = c10::static_intrusive_pointer_cast<IndexReady>(ctx->saved_data["index.ready"].toCapsule());
+    }
     Gradients g = backward_kernels(q, k, v, block_ids, out, lse, dout, dlse, shape,
-                                   ctx->saved_data["deterministic"].toBool(), KvGradWork{has_index, &index});
+                                   ctx->saved_data["deterministic"].toBool(),
+                                   KvGradWork{has_index, &index, ready ? &ready->done : nullptr});
     variable_list grads_in{g.dq, g.dk, g.dv};
     grads_in.resize(11);  // block_ids and the scalar arguments have none
     return grads_in;
