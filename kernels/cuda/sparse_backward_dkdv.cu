@@ -29,6 +29,18 @@ template <int kD>
 __host__ __device__ constexpr int tile_bytes() {
   return kKeyTile * kD * 2;
 }
+// With head dim 64, K and V live in registers (A fragments) for the whole item;
+// with 128 the registers go to dK and dV, and K and V are re-read from shared
+// memory per unit.
+template <int kD>
+__host__ __device__ constexpr bool kv_in_registers() {
+  return kD == 64;
+}
+// Stages of query rows per warp. With head dim 64 and K and V's tiles inside the
+// stages, a warp takes 12.4 KB, so the register limit (12 warps) decides the SM's
+// warps instead of shared memory (10 when K and V had tiles of their own): dK/dV
+// took 671 against 691-695 us at 32K tokens on the H200. A fourth stage (more rows
+// in flight per warp) was slower: 713 against 688 us.
 template <int kD>
 __host__ __device__ constexpr int dkdv_stages() {
   return kD == 64 ? 3 : 2;
@@ -39,11 +51,15 @@ template <int kD>
 __host__ __device__ constexpr int stage_bytes() {
   return (2 * tile_bytes<kD>() + 2 * 16 * 4 + 2 * kD - 1) / (2 * kD) * (2 * kD);
 }
-// Per warp: the K and V tiles, then the stages.
+// Per warp: the K and V tiles, then the stages. When K and V go to registers,
+// their tiles are first copied into the last two stages, which take query rows
+// once K and V have been read.
 template <int kD>
 __host__ __device__ constexpr int warp_bytes() {
-  return 2 * tile_bytes<kD>() + dkdv_stages<kD>() * stage_bytes<kD>();
+  return (kv_in_registers<kD>() ? 0 : 2 * tile_bytes<kD>()) + dkdv_stages<kD>() * stage_bytes<kD>();
 }
+static_assert(dkdv_stages<64>() >= 3 && 2 * tile_bytes<64>() <= 2 * stage_bytes<64>(),
+              "K and V fit in the last two stages, and at least one stage is free for them");
 
 // Decoded work item of one warp.
 struct Item {
@@ -92,10 +108,13 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 12 : 4) backward_dkdv_
   const float scale = 1.f / sqrtf(static_cast<float>(kD));
   const float scale_log2 = device::kLog2e * scale;
 
-  const uint32_t k_tile = device::smem_address(smem) + warp * warp_bytes<kD>();
+  constexpr bool kKvInRegisters = kv_in_registers<kD>();
+  const int stage0_offset = warp * warp_bytes<kD>() + (kKvInRegisters ? 0 : 2 * tile_bytes<kD>());
+  const uint32_t stage0 = device::smem_address(smem) + stage0_offset;
+  const uint32_t k_tile =
+      kKvInRegisters ? stage0 + (kStages - 2) * stage_bytes<kD>() : device::smem_address(smem) + warp * warp_bytes<kD>();
   const uint32_t v_tile = k_tile + tile_bytes<kD>();
-  const uint32_t stage0 = v_tile + tile_bytes<kD>();
-  const float* stage0_f = reinterpret_cast<const float*>(smem + warp * warp_bytes<kD>() + 2 * tile_bytes<kD>());
+  const float* stage0_f = reinterpret_cast<const float*>(smem + stage0_offset);
 
   const int64_t k_lo = s.k_start, k_hi = s.k_start + s.sk;
   const int64_t row_stride = static_cast<int64_t>(s.hkv) * kD;
@@ -155,8 +174,10 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 12 : 4) backward_dkdv_
     const bool valid = r < rows_valid;
     device::cp_async_4(base + 2 * tile_bytes<kD>() + lane * 4, stats_item + (valid ? row + r : 0), valid);
   };
+  // Units staged before K and V are read: all but the one whose stage K and V hold.
+  constexpr int kEarly = kKvInRegisters ? kStages - 2 : kStages - 1;
 #pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
+  for (int i = 0; i < kEarly; ++i) {
     if (i < units) {
       stage(i, staged);
       advance(staged);
@@ -170,9 +191,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 12 : 4) backward_dkdv_
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
-  // K and V as A operands (keys are rows; they were the first copy group). With
-  // kD = 128 they are re-read from shared memory per unit: registers go to dK, dV.
-  constexpr bool kKvInRegisters = kD == 64;
+  // K and V as A operands (keys are rows; they were the first copy group).
   uint32_t kf[kD / 16][4], vf[kD / 16][4];
   auto load_kv = [&] {
 #pragma unroll
@@ -182,9 +201,15 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 12 : 4) backward_dkdv_
     }
   };
   if (kKvInRegisters) {
-    device::cp_async_wait<kStages - 1>();
+    device::cp_async_wait<kEarly>();
     __syncwarp();
     load_kv();
+    __syncwarp();  // every lane has read K and V before their stage takes rows
+    if (kEarly < units) {
+      stage(kEarly, staged);
+      advance(staged);
+    }
+    device::cp_async_commit();
   }
 
   for (int u = 0, slot = 0; u < units; ++u, slot = slot + 1 == kStages ? 0 : slot + 1) {
