@@ -11,15 +11,13 @@
 
 #include <fmt/format.h>
 
-#include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <stdexcept>
-#include <utility>
 
 #include "kernels/cuda_launch.h"
 #include "kernels/cuda_sparse_index.h"
+#include "kernels/side_stream.h"
 
 namespace ssa::kernels::cuda {
 namespace {
@@ -60,27 +58,6 @@ struct KvGradWork {
   at::cuda::CUDAEvent* prebuilt_ready = nullptr;  // set once `prebuilt` is complete
 };
 
-// The two side streams of this file on one device, the same on every call: the
-// caching allocator keeps freed blocks per stream, so a fresh pooled stream per
-// call made each call allocate its index and accumulators anew (cudaMalloc on the
-// host's path to the next launch) until the pool came round again, and left a
-// copy cached on each of its streams. The index's stream has high priority: its
-// chain of small kernels then takes SM slots as the forward's blocks retire,
-// instead of queueing behind every block of the forward and of dq.
-enum class SideRole { kIndex, kKvGrad };
-
-c10::cuda::CUDAStream side_stream(c10::DeviceIndex device, SideRole role) {
-  static std::mutex mutex;
-  static std::map<std::pair<c10::DeviceIndex, SideRole>, c10::cuda::CUDAStream> streams;
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto it = streams.find({device, role});
-  if (it == streams.end()) {
-    const bool high_priority = role == SideRole::kIndex;
-    it = streams.emplace(std::make_pair(device, role), c10::cuda::getStreamFromPool(high_priority, device)).first;
-  }
-  return it->second;
-}
-
 // The inverted index for dk/dv depends only on the block ids, so it is built on a
 // side stream beside the forward (kept for the backward) or beside dq. `ids_ready`
 // was recorded on the current stream once the ids were; the stream that runs dk/dv
@@ -94,7 +71,7 @@ struct IndexInFlight {
 
 IndexInFlight index_beside(at::cuda::CUDAEvent& ids_ready, const at::Tensor& block_ids, const Shape& shape,
                            bool deterministic, const c10::cuda::CUDAStream& user) {
-  const c10::cuda::CUDAStream side = side_stream(block_ids.device().index(), SideRole::kIndex);
+  const c10::cuda::CUDAStream side = side_stream_of(block_ids.device().index(), SideRole::kSparseIndex);
   ids_ready.block(side);
   block_ids.record_stream(side);  // the caller's stream may not wait for the index
   IndexInFlight flight;
@@ -153,7 +130,7 @@ Gradients backward_kernels(const at::Tensor& q, const at::Tensor& k, const at::T
 
   // Side stream: dk/dv once dq is done, and the index (unless prebuilt) built
   // beside dq on a stream of its own.
-  const c10::cuda::CUDAStream side = side_stream(q.device().index(), SideRole::kKvGrad);
+  const c10::cuda::CUDAStream side = side_stream_of(q.device().index(), SideRole::kSparseKvGrad);
   std::optional<IndexInFlight> built;
   if (build_index) {
     built.emplace(index_beside(inputs_ready, block_ids, shape, deterministic, side));

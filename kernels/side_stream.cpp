@@ -1,6 +1,9 @@
 #include "kernels/side_stream.h"
 
+#include <map>
+#include <mutex>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #ifdef SSA_WITH_CUDA
@@ -11,14 +14,32 @@
 
 namespace ssa::kernels {
 
+#ifdef SSA_WITH_CUDA
+c10::cuda::CUDAStream side_stream_of(c10::DeviceIndex device, SideRole role) {
+  static std::mutex mutex;
+  static std::map<std::pair<c10::DeviceIndex, SideRole>, c10::cuda::CUDAStream> streams;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = streams.find({device, role});
+  if (it == streams.end()) {
+    // The index is a chain of small kernels built beside the sparse forward: at
+    // high priority they take SM slots as the forward's blocks retire instead of
+    // queueing behind all of them (and behind dq's).
+    const bool high_priority = role == SideRole::kSparseIndex;
+    it = streams.emplace(std::make_pair(device, role), c10::cuda::getStreamFromPool(high_priority, device)).first;
+  }
+  return it->second;
+}
+#endif
+
 struct SideStream::State {
+  SideRole role;
 #ifdef SSA_WITH_CUDA
   std::optional<c10::cuda::CUDAStream> side;
   std::vector<at::Tensor> kept;
 #endif
 };
 
-SideStream::SideStream() : state_(std::make_unique<State>()) {}
+SideStream::SideStream(SideRole role) : state_(std::make_unique<State>()) { state_->role = role; }
 
 SideStream::~SideStream() {
   try {
@@ -32,7 +53,7 @@ void SideStream::open(const at::Device& device) {
   if (!device.is_cuda() || state_->side) return;
   const c10::cuda::CUDAGuard guard(device);
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device.index());
-  state_->side = c10::cuda::getStreamFromPool(false, device.index());
+  state_->side = side_stream_of(device.index(), state_->role);
   at::cuda::CUDAEvent ready;
   ready.record(current);
   ready.block(*state_->side);

@@ -182,7 +182,7 @@ ContextOutputs context_forward(RingSetup& setup, const at::Tensor& q, const at::
     // remote K/V) and each other, so each fills the others' tails. full_side
     // opens before the diagonal call and waits for the last K/V transfer itself
     // (in place only: otherwise the K/V are copied on this stream after each hop).
-    kernels::SideStream full_side, sparse_side;
+    kernels::SideStream full_side(kernels::SideRole::kRingFull), sparse_side(kernels::SideRole::kRingSparse);
     P2PBatch last;  // the last K/V transfer, when full_side waits for it
     // The sparse stream on the assembled K/V: the selection (when made here),
     // then both local chunks in one call (one item).

@@ -244,7 +244,7 @@ TEST(CudaSideStream, OrdersWorkBesideTheCurrentStream) {
   const at::Tensor want = chain(chain(a)).cpu();
   const c10::cuda::CUDAStream outer = c10::cuda::getCurrentCUDAStream();
   const at::Tensor before = chain(a);  // queued on the current stream, read by the side work
-  SideStream side;
+  SideStream side(SideRole::kRingFull);
   side.open(a.device());
   ASSERT_TRUE(side.is_open());
   at::Tensor made;
@@ -258,7 +258,7 @@ TEST(CudaSideStream, OrdersWorkBesideTheCurrentStream) {
   EXPECT_FALSE(side.is_open());
   EXPECT_TRUE(at::allclose(made.cpu(), want, 1e-4, 1e-5));
   // Closed (CPU tensors, or never opened): the work runs inline on the current stream.
-  SideStream closed;
+  SideStream closed(SideRole::kRingSparse);
   closed.open(at::Device(at::kCPU));
   EXPECT_FALSE(closed.is_open());
   closed.run([&] { EXPECT_EQ(c10::cuda::getCurrentCUDAStream(), outer); });
