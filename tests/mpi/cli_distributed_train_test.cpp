@@ -151,14 +151,16 @@ TEST_F(DistributedTrain, Sigusr1CheckpointsExitsForRequeueAndResumesExactly) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(90);
   while (losses(run).size() < 3 && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  ASSERT_GE(losses(run).size(), 3u) << read_all(log);
+  const auto signalled_at = losses(run).size();
+  ASSERT_GE(signalled_at, 3u) << read_all(log);
   ::kill(pid, SIGUSR1);
   int status = 0;
   ::waitpid(pid, &status, 0);
   ASSERT_TRUE(WIFEXITED(status)) << read_all(log);
   EXPECT_EQ(WEXITSTATUS(status), 3) << read_all(log);
   const auto stopped_at = losses(run).size();
-  EXPECT_LT(stopped_at, 40u) << "the signal must stop the run early";
+  EXPECT_LT(stopped_at, 40u) << "the signal (sent once " << signalled_at
+                             << " steps were logged) must stop the run early\n" << read_all(log);
   EXPECT_TRUE(fs::exists(run / "checkpoints/latest/state.json"));
 
   ASSERT_EQ(run_shell(mpirun(2) + train_args(data_, run, 1, 2, 40), dir_ / "restart.log"), 0)
