@@ -98,6 +98,67 @@ struct TopK {
       s0 = pa >= s ? s : pa;
     }
   }
+  // Entry order of the list: a higher score first, equal scores by lower id (the
+  // order the insertions keep, as candidates arrive by ascending id). Empty
+  // entries are (-1, -1).
+  static __device__ __forceinline__ bool before(float sa, int ia, float sb, int ib) {
+    return sa > sb || (sa == sb && ia < ib);
+  }
+  // One compare-exchange step between lanes lane and lane ^ j of a bitonic
+  // network: the lane for which `first` holds keeps the entry that comes first.
+  static __device__ __forceinline__ void exchange(float& s, int& id, int j, bool first) {
+    const float ps = __shfl_xor_sync(kFull, s, j);
+    const int pid = __shfl_xor_sync(kFull, id, j);
+    if (first == before(ps, pid, s, id)) {
+      s = ps;
+      id = pid;
+    }
+  }
+  // Sorts two lists of one entry per lane each (s[r], id[r]) into list order
+  // across the warp (bitonic sort, the two lists side by side).
+  static __device__ void sort_pair(float (&s)[2], int (&id)[2], int lane) {
+#pragma unroll
+    for (int k = 2; k <= 32; k <<= 1)
+#pragma unroll
+      for (int j = k >> 1; j > 0; j >>= 1) {
+        const bool first = ((lane & j) == 0) == ((lane & k) == 0);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) exchange(s[r], id[r], j, first);
+      }
+  }
+  // Merges a sorted list of one entry per lane (bs, bid) into entries 0..31
+  // (k <= 32 only: the second list is left alone). Afterwards entries 0..31 are
+  // the best 32 of both, so the first k are what inserting each of b's entries
+  // above the threshold would give: b's i-th entry meets the list's (31 - i)-th,
+  // the better of each pair forms a bitonic sequence holding the best 32, and a
+  // bitonic merge sorts it.
+  __device__ void merge_sorted(float bs, int bid, int lane) {
+    const float rs = __shfl_xor_sync(kFull, bs, 31);
+    const int rid = __shfl_xor_sync(kFull, bid, 31);
+    if (before(rs, rid, s0, i0)) {
+      s0 = rs;
+      i0 = rid;
+    }
+#pragma unroll
+    for (int j = 16; j > 0; j >>= 1) exchange(s0, i0, j, (lane & j) == 0);
+  }
+  // Takes a lane's two candidates (scores <= the threshold may be anything below
+  // it; they are dropped) at once: sorts them and merges. For k <= 32, when many
+  // candidates pass the threshold (a token's first chunks), where inserting them
+  // one by one is a long serial chain of shuffles.
+  __device__ void merge_candidates(const float (&cand)[2], const int (&cand_id)[2], float thr, int lane) {
+    float cs[2];
+    int ci[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const bool in = cand[e] > thr;
+      cs[e] = in ? cand[e] : -1.f;
+      ci[e] = in ? cand_id[e] : -1;
+    }
+    sort_pair(cs, ci, lane);
+    merge_sorted(cs[0], ci[0], lane);
+    merge_sorted(cs[1], ci[1], lane);
+  }
   // The first k entries' ids in ascending order, -1 slots last.
   __device__ void write_sorted(int32_t* out, int k, int lane) const {
     const int key0 = lane < k && i0 >= 0 ? i0 : INT_MAX;

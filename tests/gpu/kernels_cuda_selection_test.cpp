@@ -127,21 +127,29 @@ TEST(CudaSelection, ValidTopKAndAgreesWithReference) {
 TEST(CudaSelection, TiesGoToTheLowerBlockId) {
   SSA_REQUIRE_GPU();
   // q = 0: every causal block scores the same; the own block plus the lowest ids
-  // win. 8 heads: the mma.sync kernel; 32 heads (groups of 16): the wgmma one.
-  for (const int64_t heads : {8, 32}) {
-    const at::Tensor q = at::zeros({1, 256, heads, 64}, gpu());
-    const at::Tensor k = at::randn({1, 256, 2, 64}, gpu());
-    SparseOptions opt;
-    opt.block_size = 16;
-    opt.top_k = 4;
-    opt.backend = Backend::kCuda;
-    const at::Tensor got = select_blocks(q, pool_keys(k, 16), opt);
-    opt.backend = Backend::kReference;
-    const at::Tensor want = select_blocks(q.to(at::kFloat), pool_keys(k, 16), opt);
-    EXPECT_TRUE(at::equal(got, want)) << heads << " heads";
-    EXPECT_EQ(got[0][255][1][0].item<int>(), 0) << heads << " heads";
-    EXPECT_EQ(got[0][255][1][3].item<int>(), 15) << heads << " heads";
-  }
+  // win. 8 heads: the mma.sync kernel; 32 heads (groups of 16): the wgmma one,
+  // whose top-k takes a chunk with many candidates by sorting and merging (2048
+  // tokens: 128 blocks, all above the threshold in the first chunk) and a few by
+  // single insertions (256 tokens: 16 blocks).
+  for (const int64_t tokens : {256, 2048})
+    for (const int64_t heads : {8, 32})
+      for (const int64_t top_k : {4, 16}) {
+        const std::string name =
+            std::to_string(tokens) + " tokens, " + std::to_string(heads) + " heads, top " + std::to_string(top_k);
+        const at::Tensor q = at::zeros({1, tokens, heads, 64}, gpu());
+        const at::Tensor k = at::randn({1, tokens, 2, 64}, gpu());
+        SparseOptions opt;
+        opt.block_size = 16;
+        opt.top_k = top_k;
+        opt.backend = Backend::kCuda;
+        const at::Tensor got = select_blocks(q, pool_keys(k, 16), opt);
+        opt.backend = Backend::kReference;
+        const at::Tensor want = select_blocks(q.to(at::kFloat), pool_keys(k, 16), opt);
+        EXPECT_TRUE(at::equal(got, want)) << name;
+        const at::Tensor last = got[0][tokens - 1][1].cpu();
+        for (int64_t i = 0; i + 1 < top_k; ++i) EXPECT_EQ(last[i].item<int>(), i) << name;
+        EXPECT_EQ(last[top_k - 1].item<int>(), tokens / 16 - 1) << name;
+      }
 }
 
 // The one-kernel block means against the ATen formula, for each dtype the model
