@@ -1,9 +1,10 @@
 // The inverted index of a block selection (params.cuh, InvertedIndexParams): for
 // each (b, kv head, token chunk, key block) bucket the query rows that selected the
 // block, split into work items of at most kMaxEntriesPerItem rows. Counting uses
-// integer atomics (exact); the placement order is fixed by one warp per sub-chunk
-// walking its tokens in order, with __match_any_sync ranking lanes that picked the
-// same block, so the index (and every sum over it) is the same on every run.
+// integer atomics (exact); the placement order is fixed: one warp per sub-chunk
+// walks its tokens 32 at a time, slot by slot, with __match_any_sync ranking lanes
+// that picked the same block, so the index (and every sum over it) is the same on
+// every run (within a bucket, by sub-chunk, then 32-token group, slot and lane).
 #include <cstdint>
 
 #include "kernels/cuda/params.cuh"

@@ -10,6 +10,14 @@
 
 #include "kernels/attention.h"
 #include "kernels_gpu_support.h"
+#ifdef SSA_WITH_CUDA
+#include <algorithm>
+#include <map>
+#include <vector>
+
+#include "kernels/cuda_launch.h"
+#include "kernels/cuda_sparse_index.h"
+#endif
 
 namespace ssa::kernels {
 namespace {
@@ -273,6 +281,56 @@ TEST(CudaSparseAttention, AutoFallsBackOutsideTheKernels) {
     EXPECT_GT(st.sparsity, 0.0) << in.name;
   }
 }
+
+
+#ifdef SSA_WITH_CUDA
+// The dK/dV index lists under each bucket (b, kv head, token chunk, block) exactly
+// the queries that selected its block (a plain CPU walk over the ids), and is the
+// same when built twice.
+TEST(CudaSparseIndex, ListsEachBlocksQueries) {
+  SSA_REQUIRE_GPU();
+  struct IndexCase {
+    int64_t b, sq, hkv, top_k, block_size, shared;
+  };
+  // 9000 queries: two token chunks; shared slots: many queries on blocks 0, 1, ...
+  for (const IndexCase& c : {IndexCase{2, 3000, 2, 16, 16, 4}, IndexCase{1, 9000, 1, 8, 64, 2}}) {
+    const std::string name = std::to_string(c.sq) + " queries";
+    at::manual_seed(5);
+    const at::Tensor ids = make_block_ids(c.b, c.sq, c.hkv, c.top_k, c.block_size, 0, c.shared);
+    const at::Tensor q = at::empty({c.b, c.sq, c.hkv, 64}, gpu()), k = at::empty({c.b, c.sq, c.hkv, 64}, gpu());
+    const cuda::Shape shape = cuda::make_shape("index test", q, k, c.top_k, c.block_size, 0, 0);
+    const cuda::InvertedIndex index = cuda::build_inverted_index(ids, shape, true);
+    const cuda::InvertedIndex again = cuda::build_inverted_index(ids, shape, true);
+    ASSERT_GT(index.n_items, 0) << name;
+    const at::Tensor begin = index.item_begin.narrow(0, 0, index.n_items).cpu();
+    const at::Tensor end = index.item_end.narrow(0, 0, index.n_items).cpu();
+    const at::Tensor bucket = index.item_bucket.narrow(0, 0, index.n_items).cpu();
+    const int64_t entries = end[index.n_items - 1].item<int64_t>();
+    EXPECT_TRUE(at::equal(index.entry_token.narrow(0, 0, entries), again.entry_token.narrow(0, 0, entries))) << name;
+
+    std::map<int64_t, std::vector<int32_t>> want;
+    const at::Tensor idc = ids.cpu();
+    const auto a = idc.accessor<int32_t, 4>();
+    for (int64_t n = 0; n < c.b; ++n)
+      for (int64_t t = 0; t < c.sq; ++t)
+        for (int64_t h = 0; h < c.hkv; ++h)
+          for (int64_t s = 0; s < c.top_k; ++s) {
+            if (a[n][t][h][s] < 0) continue;
+            const int64_t chunk = t / index.token_chunk;
+            want[((n * c.hkv + h) * index.n_token_chunks + chunk) * index.blocks_per_chunk + a[n][t][h][s]].push_back(
+                static_cast<int32_t>(t));
+          }
+    std::map<int64_t, std::vector<int32_t>> got;
+    const at::Tensor tokens = index.entry_token.narrow(0, 0, entries).cpu();
+    const auto tok = tokens.accessor<int32_t, 1>();
+    const auto ib = begin.accessor<int32_t, 1>(), ie = end.accessor<int32_t, 1>(), bk = bucket.accessor<int32_t, 1>();
+    for (int64_t i = 0; i < index.n_items; ++i)
+      for (int64_t e = ib[i]; e < ie[i]; ++e) got[bk[i]].push_back(tok[e]);
+    for (auto& [key, list] : got) std::sort(list.begin(), list.end());  // the order is fixed, not by token
+    EXPECT_TRUE(got == want) << name << ": " << got.size() << " buckets listed, " << want.size() << " expected";
+  }
+}
+#endif
 
 }  // namespace
 }  // namespace ssa::kernels
