@@ -282,7 +282,6 @@ TEST(CudaSparseAttention, AutoFallsBackOutsideTheKernels) {
   }
 }
 
-
 #ifdef SSA_WITH_CUDA
 // The dK/dV index lists under each bucket (b, kv head, token chunk, block) exactly
 // the queries that selected its block (a plain CPU walk over the ids), and is the
