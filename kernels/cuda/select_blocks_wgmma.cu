@@ -34,8 +34,19 @@ constexpr int kUnits = 2;  // A tiles (16 rows) per warp
 // fewer are inserted one by one. On random scores a token's first chunk brings
 // ~k (1 + ln 4) insertions, the next ~k ln 2, then fewer.
 constexpr int kMergeLanes = 10;
-constexpr int kSmem = device::chunk_stream_bytes<kD>() + 1024;  // with 1024-byte alignment slack
 static_assert(kChunk == 64, "one m64n64 product covers a chunk");
+// The kernel is latency-bound (neither its exps nor its products fill their
+// pipes), so CTAs per SM count most. Group 16 runs 5 per SM: two chunk buffers
+// (33 KB of shared memory) and at most 96 registers, a few spilled outside the
+// inner loops; at 32K that took 1133-1157 us against 1189 us with 4 CTAs of three
+// buffers (two buffers alone: 1198). Group 8 holds twice the tokens' state per
+// warp and would spill more, so it keeps 4 CTAs of three buffers.
+template <int kG>
+struct Occupancy {
+  static constexpr int kBuffers = kG == 16 ? 2 : 3;
+  static constexpr int kCtasPerSm = kG == 16 ? 5 : 4;
+  static constexpr int kSmem = device::chunk_stream_bytes<kD, kBuffers>() + 1024;  // with 1024-byte alignment slack
+};
 
 // Sums v[c] (c = 2 * j + e: column 8 j + tig * 2 + e of this lane's row group) over
 // the 8 row groups of the warp. Lane (group, tig) ends with columns 2 * lane + i
@@ -53,8 +64,11 @@ __device__ __forceinline__ void sum_over_groups(const float (&v)[16], float (&x)
 
 // kG: heads per kv head (8 or 16). Row r of a thread (0: group, 1: group + 8) is
 // head group + 8 r of token 0 of the unit (kG = 16), or head group of token r (kG = 8).
-template <int kG>
-__global__ void __launch_bounds__(kWarps * 32, 4) select_wgmma_kernel(const SelectParams p) {
+// kWide: top_k > 32, so the lists hold 64 entries; otherwise their second halves
+// stay constant and take no registers.
+template <int kG, bool kWide>
+__global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select_wgmma_kernel(const SelectParams p) {
+  constexpr int kBuffers = Occupancy<kG>::kBuffers;
   constexpr int kRowTokens = 16 / kG;             // tokens per unit
   constexpr int kTokens = kUnits * kRowTokens;    // tokens per warp
   extern __shared__ unsigned char smem[];
@@ -142,7 +156,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) select_wgmma_kernel(const Sele
         if (bounded) m[u][r] = 0.f;
         l[u][r] = 0.f;
       }
-    stream_chunks<kD, kWarps * 32, true>(n_chunks, false, ct.tiles, buffers,
+    stream_chunks<kD, kWarps * 32, true, kBuffers>(n_chunks, false, ct.tiles, buffers,
                                          [&](int c, uint32_t hi_tile, uint32_t) {
       if (bounded) {
         const float norm = chunk_norm[c];
@@ -178,7 +192,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) select_wgmma_kernel(const Sele
   auto row_max = [&]() {
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) m[u][0] = m[u][1] = -INFINITY;
-    stream_chunks<kD, kWarps * 32, true>(n_chunks, false, ct.tiles, buffers,
+    stream_chunks<kD, kWarps * 32, true, kBuffers>(n_chunks, false, ct.tiles, buffers,
                                          [&](int c, uint32_t hi_tile, uint32_t) {
 #pragma unroll
       for (int u = 0; u < kUnits; ++u) {
@@ -224,7 +238,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) select_wgmma_kernel(const Sele
     best[i].init(lane, n_causal[i] - 1);
     thr[i] = best[i].threshold(top_k);
   }
-  stream_chunks<kD, kWarps * 32, true>(n_chunks, true, ct.tiles, buffers,
+  stream_chunks<kD, kWarps * 32, true, kBuffers>(n_chunks, true, ct.tiles, buffers,
                                        [&](int c, uint32_t hi_tile, uint32_t lo_tile) {
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) {
@@ -256,7 +270,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) select_wgmma_kernel(const Sele
           cand[e] = j < n_causal[i] && j != own ? x[e] : -1.f;
         }
         unsigned lanes = __ballot_sync(kFull, fmaxf(cand[0], cand[1]) > thr[i]);
-        if (top_k <= 32 && __popc(lanes) >= kMergeLanes) {
+        if (!kWide && __popc(lanes) >= kMergeLanes) {
           const int cand_id[2] = {c * kChunk + 2 * lane, c * kChunk + 2 * lane + 1};
           best[i].merge_candidates(cand, cand_id, thr[i], lane);
           thr[i] = best[i].threshold(top_k);
@@ -269,7 +283,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) select_wgmma_kernel(const Sele
           for (int e = 0; e < 2; ++e) {
             const float score = __shfl_sync(kFull, cand[e], src);
             if (score > thr[i]) {
-              best[i].insert(score, c * kChunk + 2 * src + e, lane, top_k > 32);
+              best[i].insert(score, c * kChunk + 2 * src + e, lane, kWide);
               thr[i] = best[i].threshold(top_k);
             }
           }
@@ -285,16 +299,23 @@ __global__ void __launch_bounds__(kWarps * 32, 4) select_wgmma_kernel(const Sele
   }
 }
 
-template <int kG>
+template <int kG, bool kWide>
 cudaError_t launch(const SelectParams& p, cudaStream_t stream) {
   const Shape& s = p.shape;
   const int tile_tokens = kWarps * kUnits * (16 / kG);
   const int64_t ctas = static_cast<int64_t>(s.batch) * s.hkv * ((s.sq + tile_tokens - 1) / tile_tokens);
   if (ctas == 0) return cudaSuccess;
-  cudaError_t err = cudaFuncSetAttribute(select_wgmma_kernel<kG>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  constexpr int kSmem = Occupancy<kG>::kSmem;
+  cudaError_t err =
+      cudaFuncSetAttribute(select_wgmma_kernel<kG, kWide>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
-  select_wgmma_kernel<kG><<<static_cast<unsigned>(ctas), kWarps * 32, kSmem, stream>>>(p);
+  select_wgmma_kernel<kG, kWide><<<static_cast<unsigned>(ctas), kWarps * 32, kSmem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <int kG>
+cudaError_t launch(const SelectParams& p, cudaStream_t stream) {
+  return p.shape.top_k > 32 ? launch<kG, true>(p, stream) : launch<kG, false>(p, stream);
 }
 
 }  // namespace

@@ -179,21 +179,23 @@ struct TopK {
   }
 };
 
-// Shared-memory buffers of the chunk stream, and their bytes (each: hi then lo tile).
+// Shared-memory buffers of the chunk stream (by default), and the bytes of
+// kBuffers of them (each: hi then lo tile).
 constexpr int kChunkBuffers = 3;
-template <int kD>
+template <int kD, int kBuffers = kChunkBuffers>
 __host__ __device__ constexpr int chunk_stream_bytes() {
-  return kChunkBuffers * 2 * kChunk * kD * 2;
+  return kBuffers * 2 * kChunk * kD * 2;
 }
 
 // Streams chunks [0, n_chunks) of chunk images (their hi tiles, and lo tiles when
-// with_lo) through kChunkBuffers shared-memory buffers (1024-byte aligned when
+// with_lo) through kBuffers (2 or 3) shared-memory buffers (1024-byte aligned when
 // `buffers` is, as wgmma needs); f(chunk, hi_tile, lo_tile) runs after a CTA
-// barrier. One barrier per chunk: chunk c + 2 is staged right after the barrier of
-// chunk c, into the buffer every thread finished with before it. Ends with a
-// barrier, so the buffers can be refilled. kAsyncProxy: the tiles are read by
-// wgmma, so each thread fences its copies for the async proxy before the barrier.
-template <int kD, int kThreads, bool kAsyncProxy = false, typename F>
+// barrier. One barrier per chunk: chunk c + kBuffers - 1 is staged right after the
+// barrier of chunk c, into the buffer every thread finished with before it, so
+// kBuffers - 1 chunks are in flight while one is read. Ends with a barrier, so
+// the buffers can be refilled. kAsyncProxy: the tiles are read by wgmma, so each
+// thread fences its copies for the async proxy before the barrier.
+template <int kD, int kThreads, bool kAsyncProxy = false, int kBuffers = kChunkBuffers, typename F>
 __device__ void stream_chunks(int n_chunks, bool with_lo, const __nv_bfloat16* tiles, uint32_t buffers, F&& f) {
   constexpr int kTileElems = kChunk * kD;
   constexpr int kChunkBytes = kTileElems * 2;
@@ -203,7 +205,7 @@ __device__ void stream_chunks(int n_chunks, bool with_lo, const __nv_bfloat16* t
   static_assert(kTileElems / 8 % kThreads == 0, "a tile's pieces split evenly over the threads");
   auto stage = [&](int c) {  // always commits one group (empty past the end)
     if (c < n_chunks) {
-      const uint32_t dst = buffers + (c % kChunkBuffers) * 2 * kChunkBytes + threadIdx.x * 16;
+      const uint32_t dst = buffers + (c % kBuffers) * 2 * kChunkBytes + threadIdx.x * 16;
       const __nv_bfloat16* src = tiles + static_cast<int64_t>(c) * 2 * kTileElems + threadIdx.x * 8;
 #pragma unroll
       for (int j = 0; j < kPasses; ++j) {
@@ -213,15 +215,15 @@ __device__ void stream_chunks(int n_chunks, bool with_lo, const __nv_bfloat16* t
     }
     cp_async_commit();
   };
-  static_assert(kChunkBuffers == 3, "two chunks are in flight while one is read");
-  stage(0);
-  stage(1);
+  static_assert(kBuffers == 2 || kBuffers == 3, "one or two chunks in flight while one is read");
+#pragma unroll
+  for (int c = 0; c < kBuffers - 1; ++c) stage(c);
   for (int c = 0; c < n_chunks; ++c) {
-    cp_async_wait<1>();  // chunk c has landed (only c + 1 may be pending)
+    cp_async_wait<kBuffers - 2>();  // chunk c has landed (only later ones may be pending)
     if (kAsyncProxy) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
-    stage(c + 2);
-    const uint32_t base = buffers + (c % kChunkBuffers) * 2 * kChunkBytes;
+    stage(c + kBuffers - 1);
+    const uint32_t base = buffers + (c % kBuffers) * 2 * kChunkBytes;
     f(c, base, base + kChunkBytes);
   }
   __syncthreads();
