@@ -22,14 +22,37 @@
 namespace ssa::kernels::cuda {
 namespace {
 
-// Median milliseconds of fn over iters runs after warmup runs.
-double time_ms(const std::function<void()>& fn, int warmup, int iters) {
+// The SM clock now, in MHz: ~200k cycles of one thread's spin against the global
+// timer (about 0.1 ms, outside the timed region).
+double sm_clock_mhz() {
+  const at::Tensor out = at::empty({2}, at::TensorOptions().device(at::kCUDA).dtype(at::kLong));
+  SSA_CUDA_CHECK(launch_clock_probe(reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>()), 200000,
+                                    at::cuda::getCurrentCUDAStream()));
+  const at::Tensor host = out.cpu();
+  const double ns = static_cast<double>(host[1].item<int64_t>());
+  return ns > 0 ? static_cast<double>(host[0].item<int64_t>()) / ns * 1e3 : 0.0;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+struct Timing {
+  double ms = 0;
+  double mhz = 0;  // median SM clock, sampled right after each timed run
+};
+
+// Median milliseconds of fn over iters runs after warmup runs, and the SM clock
+// they ran at: under sustained load the GPU lowers its clock, which slows every
+// kernel alike, so each row says which clock its time belongs to.
+Timing time_ms(const std::function<void()>& fn, int warmup, int iters) {
   for (int i = 0; i < warmup; ++i) fn();
   SSA_CUDA_CHECK(cudaDeviceSynchronize());
   cudaEvent_t start, stop;
   SSA_CUDA_CHECK(cudaEventCreate(&start));
   SSA_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<float> times;
+  std::vector<double> times, clocks;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (int i = 0; i < iters; ++i) {
     SSA_CUDA_CHECK(cudaEventRecord(start, stream));
@@ -39,11 +62,11 @@ double time_ms(const std::function<void()>& fn, int warmup, int iters) {
     float ms = 0;
     SSA_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
     times.push_back(ms);
+    clocks.push_back(sm_clock_mhz());
   }
   SSA_CUDA_CHECK(cudaEventDestroy(start));
   SSA_CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  return {median(times), median(clocks)};
 }
 
 // (query head, key) pairs the sparse kernels compute: selected keys <= the query.
@@ -84,8 +107,8 @@ void select_forward_backward(const Inputs& in, const at::Tensor& qg, const at::T
   torch::autograd::grad({r.out}, {qg, kg, vg}, {in.dout});
 }
 
-BenchRow row(const std::string& name, double ms, double flops, double bytes) {
-  return {name, ms, flops / (ms * 1e-3) / 1e12, bytes / (ms * 1e-3) / 1e9};
+BenchRow row(const std::string& name, const Timing& t, double flops, double bytes) {
+  return {name, t.ms, flops / (t.ms * 1e-3) / 1e12, bytes / (t.ms * 1e-3) / 1e9, t.mhz};
 }
 
 }  // namespace
@@ -103,10 +126,10 @@ BenchReport run_bench(const BenchShape& shape, int warmup, int iters) {
 
   // Selection: pooling (reference ops) plus the CUDA ranking kernel.
   at::Tensor ids;
-  const double ms_select = time_ms([&] { ids = select_blocks(q, pool_keys(k, bs), opt); }, warmup, iters);
+  const Timing t_select = time_ms([&] { ids = select_blocks(q, pool_keys(k, bs), opt); }, warmup, iters);
   const double nb = static_cast<double>((s + bs - 1) / bs);
   const double causal_blocks = static_cast<double>(b) * static_cast<double>(s) * (nb + 1) / 2;  // about
-  report.rows.push_back(row("select (pool + rank)", ms_select, 2.0 * d * hq * causal_blocks, q_bytes + kv_bytes + ids_bytes));
+  report.rows.push_back(row("select (pool + rank)", t_select, 2.0 * d * hq * causal_blocks, q_bytes + kv_bytes + ids_bytes));
 
   const double pairs = visible_pairs(ids, bs, group);
   const double causal_pairs = static_cast<double>(b * hq) * static_cast<double>(s) * static_cast<double>(s + 1) / 2;
@@ -116,15 +139,15 @@ BenchReport run_bench(const BenchShape& shape, int warmup, int iters) {
   const double bwd_bytes = fwd_bytes + 3 * q_bytes + 2 * kv_bytes + lse_bytes;  // + do, o, lse in; dq, dk, dv out
   {
     at::NoGradGuard no_grad;
-    const double ms = time_ms([&] { sparse_attention(q, k, v, ids, opt); }, warmup, iters);
-    report.rows.push_back(row("sparse fwd", ms, fwd_flops, fwd_bytes));
+    const Timing t = time_ms([&] { sparse_attention(q, k, v, ids, opt); }, warmup, iters);
+    report.rows.push_back(row("sparse fwd", t, fwd_flops, fwd_bytes));
   }
   const at::Tensor qg = q.detach().requires_grad_(true), kg = k.detach().requires_grad_(true),
                    vg = v.detach().requires_grad_(true);
-  const double ms_fb = time_ms([&] { select_forward_backward(in, qg, kg, vg, opt, &ids); }, warmup, iters);
-  report.rows.push_back(row("sparse fwd+bwd", ms_fb, 3.5 * fwd_flops, bwd_bytes));
-  const double ms_total = time_ms([&] { select_forward_backward(in, qg, kg, vg, opt, nullptr); }, warmup, iters);
-  report.rows.push_back(row("sparse total: select+fwd+bwd", ms_total, 3.5 * fwd_flops, bwd_bytes));
+  const Timing t_fb = time_ms([&] { select_forward_backward(in, qg, kg, vg, opt, &ids); }, warmup, iters);
+  report.rows.push_back(row("sparse fwd+bwd", t_fb, 3.5 * fwd_flops, bwd_bytes));
+  const Timing t_total = time_ms([&] { select_forward_backward(in, qg, kg, vg, opt, nullptr); }, warmup, iters);
+  report.rows.push_back(row("sparse total: select+fwd+bwd", t_total, 3.5 * fwd_flops, bwd_bytes));
 
   // cuDNN dense causal attention, GQA by expanding k/v to every query head
   // (outside the timed region). Layout [B, H, S, D].
@@ -137,19 +160,19 @@ BenchReport run_bench(const BenchShape& shape, int warmup, int iters) {
   const double dense_fwd_bytes = 2 * q_bytes + 2 * q_bytes + lse_bytes;  // expanded k, v count as read
   {
     at::NoGradGuard no_grad;
-    const double ms = time_ms([&] { at::_scaled_dot_product_cudnn_attention(qh, kh, vh, {}, true, 0.0, true, false, scale); },
+    const Timing t = time_ms([&] { at::_scaled_dot_product_cudnn_attention(qh, kh, vh, {}, true, 0.0, true, false, scale); },
                               warmup, iters);
-    report.rows.push_back(row("cuDNN dense fwd", ms, dense_flops, dense_fwd_bytes));
+    report.rows.push_back(row("cuDNN dense fwd", t, dense_flops, dense_fwd_bytes));
   }
   const at::Tensor qhg = qh.detach().requires_grad_(true), khg = kh.detach().requires_grad_(true),
                    vhg = vh.detach().requires_grad_(true);
-  const double ms_dense_fb = time_ms(
+  const Timing t_dense_fb = time_ms(
       [&] {
         const auto r = at::_scaled_dot_product_cudnn_attention(qhg, khg, vhg, {}, true, 0.0, true, false, scale);
         torch::autograd::grad({std::get<0>(r)}, {qhg, khg, vhg}, {doh});
       },
       warmup, iters);
-  report.rows.push_back(row("cuDNN dense fwd+bwd", ms_dense_fb, 3.5 * dense_flops, 2 * dense_fwd_bytes + 4 * q_bytes));
+  report.rows.push_back(row("cuDNN dense fwd+bwd", t_dense_fb, 3.5 * dense_flops, 2 * dense_fwd_bytes + 4 * q_bytes));
   return report;
 }
 

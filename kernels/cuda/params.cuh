@@ -307,4 +307,9 @@ int align_blocks(int64_t rows);  // grid of the forward (the partial count)
 cudaError_t launch_align_forward(const AlignParams& p, cudaStream_t stream);
 cudaError_t launch_align_backward(const AlignParams& p, cudaStream_t stream);
 
+// The SM clock the GPU runs at now (for `ssa attn bench`): one thread spins for
+// `cycles` SM cycles and reads the global nanosecond timer at both ends;
+// out[0] = cycles counted, out[1] = nanoseconds taken.
+cudaError_t launch_clock_probe(unsigned long long* out, long long cycles, cudaStream_t stream);
+
 }  // namespace ssa::kernels::cuda
