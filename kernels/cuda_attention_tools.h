@@ -52,7 +52,7 @@ struct BenchRow {
   double ms = 0;
   double tflops = 0;  // useful FLOPs / time (sparse: selected keys only)
   double gbps = 0;    // fewest bytes the step must move / time
-  double mhz = 0;     // median SM clock right after each timed run
+  double mhz_first = 0, mhz_last = 0;  // SM clock right after the first and the last timed run
 };
 
 struct BenchReport {
@@ -61,8 +61,8 @@ struct BenchReport {
 };
 
 // Median times over `iters` runs (after `warmup`), CUDA events on one stream, and
-// the SM clock the runs ended at (the H200 lowers it under sustained load, which
-// slows every kernel alike).
+// the SM clock after the first and the last run (the H200 lowers it under
+// sustained load, which slows every kernel alike).
 BenchReport run_bench(const BenchShape& shape, int warmup, int iters);
 
 // The bench's "sparse total" case as one callable (selection, forward and
