@@ -1,5 +1,6 @@
 // `ssa attn bench`: the sparse path (selection, forward, forward + backward) and
-// cuDNN dense causal attention on the same shapes, timed with CUDA events.
+// cuDNN dense causal attention on the same shapes, timed with CUDA events, with
+// the SM clock each case ran at.
 // FLOPs: dense causal forward 2 B Hq S^2 D (half of 4 B Hq S^2 D); sparse forward
 // 4 D per (query head, visible selected key); forward + backward 3.5x forward
 // (the usual count: recomputed products not counted). Selection: 2 D per (query
@@ -31,11 +32,6 @@ double sm_clock_mhz() {
   const at::Tensor host = out.cpu();
   const double ns = static_cast<double>(host[1].item<int64_t>());
   return ns > 0 ? static_cast<double>(host[0].item<int64_t>()) / ns * 1e3 : 0.0;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 struct Timing {
@@ -70,7 +66,8 @@ Timing time_ms(const std::function<void()>& fn, int warmup, int iters) {
   t.mhz_last = sm_clock_mhz();
   SSA_CUDA_CHECK(cudaEventDestroy(start));
   SSA_CUDA_CHECK(cudaEventDestroy(stop));
-  t.ms = median(times);
+  std::sort(times.begin(), times.end());
+  t.ms = times[times.size() / 2];
   return t;
 }
 
