@@ -30,8 +30,10 @@ __host__ __device__ constexpr int dq_smem_bytes() {
   return kWarps * dq_stages<kD>() * 2 * tile_bytes<kD>();
 }
 
-template <int kD>
-__global__ void __launch_bounds__(kWarps * 32) backward_dq_kernel(const BackwardDqParams p) {
+// Walker: the tile walk (device::TileWalker, or device::SlotTiles where it fits).
+// Head dim 64: four CTAs (16 warps) per SM, as many as its shared memory allows.
+template <int kD, typename Walker>
+__global__ void __launch_bounds__(kWarps * 32, kD == 64 ? 4 : 1) backward_dq_kernel(const BackwardDqParams p) {
   constexpr int kStages = dq_stages<kD>();
   constexpr int kStageBytes = 2 * tile_bytes<kD>();
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -88,8 +90,9 @@ __global__ void __launch_bounds__(kWarps * 32) backward_dq_kernel(const Backward
     }
   }
 
-  device::SelectedKvPipeline<kD, kStages> pipe(p.k, p.v, p.block_ids, s, b, t, kvh, qpos,
-                                               device::smem_address(smem) + warp * kStages * kStageBytes, lane);
+  device::SelectedKvPipeline<kD, kStages, Walker> pipe(p.k, p.v, p.block_ids, s, b, t, kvh, qpos,
+                                                       device::smem_address(smem) + warp * kStages * kStageBytes,
+                                                       lane);
 
   float dq[kD / 8][4];
 #pragma unroll
@@ -101,8 +104,8 @@ __global__ void __launch_bounds__(kWarps * 32) backward_dq_kernel(const Backward
   uint32_t k_tile, v_tile;
   while (pipe.next(cols, k_tile, v_tile)) {
     float sc[2][4], dp[2][4];
-    device::mma_a_tile_t<kD>(sc, qf, k_tile, lane);
-    device::mma_a_tile_t<kD>(dp, dof, v_tile, lane);
+    device::mma_a_tile_t_at<kD>(sc, qf, pipe.rows_as_n(k_tile));
+    device::mma_a_tile_t_at<kD>(dp, dof, pipe.rows_as_n(v_tile));
     float prob[2][4];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
@@ -115,7 +118,7 @@ __global__ void __launch_bounds__(kWarps * 32) backward_dq_kernel(const Backward
       for (int e = 0; e < 4; ++e) sc[nt][e] = prob[nt][e] * (dp[nt][e] - delta[e >> 1]);  // dS
     uint32_t ds[4];
     device::c_to_a(ds, sc[0], sc[1]);
-    device::mma_p_tile<kD>(dq, ds, k_tile, lane);
+    device::mma_p_tile_at<kD>(dq, ds, pipe.rows_as_k(k_tile));
   }
   device::cp_async_wait<0>();
 
@@ -142,17 +145,23 @@ __global__ void __launch_bounds__(kWarps * 32) backward_dq_kernel(const Backward
   }
 }
 
-template <int kD>
+template <int kD, typename Walker>
 cudaError_t launch_dq(const BackwardDqParams& p, cudaStream_t stream) {
   const Shape& s = p.shape;
   const int64_t warps = static_cast<int64_t>(s.batch) * s.hkv * s.sq * ((s.group() + 15) / 16);
   if (warps == 0) return cudaSuccess;
-  cudaError_t err =
-      cudaFuncSetAttribute(backward_dq_kernel<kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_smem_bytes<kD>());
+  cudaError_t err = cudaFuncSetAttribute(backward_dq_kernel<kD, Walker>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         dq_smem_bytes<kD>());
   if (err != cudaSuccess) return err;
-  backward_dq_kernel<kD>
+  backward_dq_kernel<kD, Walker>
       <<<static_cast<unsigned>((warps + kWarps - 1) / kWarps), kWarps * 32, dq_smem_bytes<kD>(), stream>>>(p);
   return cudaGetLastError();
+}
+
+template <int kD>
+cudaError_t launch_dq(const BackwardDqParams& p, cudaStream_t stream) {
+  return device::slot_tiles_fit(p.shape.block_size, p.shape.top_k) ? launch_dq<kD, device::SlotTiles>(p, stream)
+                                                                    : launch_dq<kD, device::TileWalker>(p, stream);
 }
 
 }  // namespace

@@ -30,7 +30,8 @@ __host__ __device__ constexpr int smem_bytes() {
   return kWarps * stages_for<kD>() * 2 * tile_bytes<kD>();
 }
 
-template <int kD>
+// Walker: the tile walk (device::TileWalker, or device::SlotTiles where it fits).
+template <int kD, typename Walker>
 __global__ void __launch_bounds__(kWarps * 32) sparse_forward_kernel(const ForwardParams p) {
   constexpr int kStages = stages_for<kD>();
   constexpr int kStageBytes = 2 * tile_bytes<kD>();  // K tile then V tile
@@ -58,8 +59,9 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_forward_kernel(const Forwa
   uint32_t qf[kD / 16][4];
   device::load_a_rows<kD>(qf, p.q + ((static_cast<int64_t>(b) * s.sq + t) * s.hq + head0) * kD, rows_valid, lane);
 
-  device::SelectedKvPipeline<kD, kStages> pipe(p.k, p.v, p.block_ids, s, b, t, kvh, qpos,
-                                               device::smem_address(smem) + warp * kStages * kStageBytes, lane);
+  device::SelectedKvPipeline<kD, kStages, Walker> pipe(p.k, p.v, p.block_ids, s, b, t, kvh, qpos,
+                                                       device::smem_address(smem) + warp * kStages * kStageBytes,
+                                                       lane);
 
   float acc[kD / 8][4];
 #pragma unroll
@@ -75,7 +77,7 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_forward_kernel(const Forwa
   uint32_t k_tile, v_tile;
   while (pipe.next(cols, k_tile, v_tile)) {
     float sc[2][4];
-    device::mma_a_tile_t<kD>(sc, qf, k_tile, lane);
+    device::mma_a_tile_t_at<kD>(sc, qf, pipe.rows_as_n(k_tile));
     float tile_max[2] = {-INFINITY, -INFINITY};  // of the raw scores (the scale is positive)
     device::mask_columns(sc, cols, tig, -INFINITY);
 #pragma unroll
@@ -118,7 +120,7 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_forward_kernel(const Forwa
     }
     uint32_t pa[4];
     device::c_to_a(pa, sc[0], sc[1]);
-    device::mma_p_tile<kD>(acc, pa, v_tile, lane);
+    device::mma_p_tile_at<kD>(acc, pa, pipe.rows_as_k(v_tile));
   }
   device::cp_async_wait<0>();
 
@@ -140,17 +142,23 @@ __global__ void __launch_bounds__(kWarps * 32) sparse_forward_kernel(const Forwa
   }
 }
 
-template <int kD>
+template <int kD, typename Walker>
 cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
   const Shape& s = p.shape;
   const int64_t warps = static_cast<int64_t>(s.batch) * s.hkv * s.sq * ((s.group() + 15) / 16);
   if (warps == 0) return cudaSuccess;
   const int64_t blocks = (warps + kWarps - 1) / kWarps;
-  cudaError_t err = cudaFuncSetAttribute(sparse_forward_kernel<kD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         smem_bytes<kD>());
+  cudaError_t err = cudaFuncSetAttribute(sparse_forward_kernel<kD, Walker>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<kD>());
   if (err != cudaSuccess) return err;
-  sparse_forward_kernel<kD><<<static_cast<unsigned>(blocks), kWarps * 32, smem_bytes<kD>(), stream>>>(p);
+  sparse_forward_kernel<kD, Walker><<<static_cast<unsigned>(blocks), kWarps * 32, smem_bytes<kD>(), stream>>>(p);
   return cudaGetLastError();
+}
+
+template <int kD>
+cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
+  return device::slot_tiles_fit(p.shape.block_size, p.shape.top_k) ? launch<kD, device::SlotTiles>(p, stream)
+                                                                    : launch<kD, device::TileWalker>(p, stream);
 }
 
 }  // namespace

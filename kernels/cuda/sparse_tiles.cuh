@@ -49,6 +49,11 @@ __device__ __forceinline__ void mask_columns(float (&s)[2][4], const TileColumns
     }
 }
 
+// Visible columns packed into one register: lo | hi << 8.
+__device__ __forceinline__ uint32_t packed_columns(const TileColumns& c) {
+  return static_cast<uint32_t>(c.lo) | static_cast<uint32_t>(c.hi) << 8;
+}
+
 // Yields, in slot order, the tiles of the selected blocks that hold at least one
 // key of the chunk [k_lo, k_hi) at or before q_max. Ids < 0 are skipped. Every
 // lane of a warp walks the same sequence (warp-uniform branches). The ids are
@@ -76,6 +81,12 @@ struct TileWalker {
     ids_hi = w0 + lane + 32 < top_k ? ids[w0 + lane + 32] : -1;
   }
 
+  // The next tile, and the columns of it the query sees (packed_columns).
+  __device__ bool next(KeyTile& tile, uint32_t& packed) {
+    if (!next(tile)) return false;
+    packed = packed_columns(visible_columns(tile, q_max));
+    return true;
+  }
   __device__ bool next(KeyTile& tile) {
     while (sub >= sub_end) {
       if (++slot >= top_k) return false;
@@ -100,6 +111,41 @@ struct TileWalker {
     return true;
   }
 };
+
+// The walk of TileWalker when every block is one tile (block_size == kKeyTile) and
+// top_k <= 32 (the paper's setting): lane i works out slot i's tile once (its
+// start and the columns the query sees), a ballot marks the slots with a visible
+// key, and each tile then costs a find-first-set and two shuffles instead of the
+// general walk's per-slot bookkeeping. Same tiles in the same order.
+struct SlotTiles {
+  unsigned pending;  // slots with a visible tile not yet handed out
+  int start;         // this lane's slot: first key position of its tile
+  uint32_t packed;   // and the columns the query sees (packed_columns)
+
+  __device__ SlotTiles(const int32_t* ids, int top_k, int /*block_size*/, int k_lo, int k_hi, int q_max, int lane) {
+    const int id = lane < top_k ? ids[lane] : -1;
+    KeyTile tile;
+    tile.start = id * kKeyTile;
+    tile.lo = max(tile.start, k_lo);
+    tile.hi = min(tile.start + kKeyTile, k_hi);
+    const bool visible = id >= 0 && tile.lo < min(tile.hi, q_max + 1);
+    start = tile.start;
+    packed = visible ? packed_columns(visible_columns(tile, q_max)) : 0u;
+    pending = __ballot_sync(0xffffffffu, visible);
+  }
+  __device__ bool next(KeyTile& tile, uint32_t& packed_out) {
+    if (pending == 0) return false;
+    const int src = __ffs(pending) - 1;
+    pending &= pending - 1;
+    tile.start = __shfl_sync(0xffffffffu, start, src);
+    packed_out = __shfl_sync(0xffffffffu, packed, src);
+    return true;
+  }
+};
+// The tile walk a kernel launch uses: SlotTiles where it applies.
+__host__ __device__ constexpr bool slot_tiles_fit(int block_size, int top_k) {
+  return block_size == kKeyTile && top_k <= 32;
+}
 
 // This lane's share of copying a [16, kD] tile of rows into the swizzled layout
 // (cp.async): 16-byte chunk lane % (kD / 8) of rows lane / (kD / 8) + i * kRowStep.
@@ -164,10 +210,10 @@ __device__ __forceinline__ void load_a_rows(uint32_t (&f)[kD / 16][4], const __n
   }
 }
 
-// S [16 rows x 16 keys] = A (fragments a) x tile^T, tile rows are keys.
+// S [16 rows x 16 keys] = A (fragments a) x tile^T, tile rows are keys. at: this
+// lane's ldmatrix address of k-step 0 (ldm_rows_as_n), the later ones one xor on.
 template <int kD>
-__device__ __forceinline__ void mma_a_tile_t(float (&s)[2][4], const uint32_t (&a)[kD / 16][4], uint32_t tile,
-                                             int lane) {
+__device__ __forceinline__ void mma_a_tile_t_at(float (&s)[2][4], const uint32_t (&a)[kD / 16][4], uint32_t at) {
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -175,22 +221,32 @@ __device__ __forceinline__ void mma_a_tile_t(float (&s)[2][4], const uint32_t (&
 #pragma unroll
   for (int ks = 0; ks < kD / 16; ++ks) {
     uint32_t b[4];
-    ldmatrix_x4(b, ldm_rows_as_n<kD>(tile, lane, ks));
+    ldmatrix_x4(b, at ^ (ks << 5));
     mma_bf16(s[0], a[ks], b[0], b[1]);
     mma_bf16(s[1], a[ks], b[2], b[3]);
   }
 }
-
-// acc [16 x kD] += P (A fragment over the 16 keys) x tile, tile rows are keys.
 template <int kD>
-__device__ __forceinline__ void mma_p_tile(float (&acc)[kD / 8][4], const uint32_t (&p)[4], uint32_t tile, int lane) {
+__device__ __forceinline__ void mma_a_tile_t(float (&s)[2][4], const uint32_t (&a)[kD / 16][4], uint32_t tile,
+                                             int lane) {
+  mma_a_tile_t_at<kD>(s, a, ldm_rows_as_n<kD>(tile, lane, 0));
+}
+
+// acc [16 x kD] += P (A fragment over the 16 keys) x tile, tile rows are keys. at:
+// this lane's ldmatrix address of the first 16 columns (ldm_rows_as_k).
+template <int kD>
+__device__ __forceinline__ void mma_p_tile_at(float (&acc)[kD / 8][4], const uint32_t (&p)[4], uint32_t at) {
 #pragma unroll
   for (int dn = 0; dn < kD / 16; ++dn) {
     uint32_t b[4];
-    ldmatrix_x4_trans(b, ldm_rows_as_k<kD>(tile, lane, dn));
+    ldmatrix_x4_trans(b, at ^ (dn << 5));
     mma_bf16(acc[2 * dn], p, b[0], b[1]);
     mma_bf16(acc[2 * dn + 1], p, b[2], b[3]);
   }
+}
+template <int kD>
+__device__ __forceinline__ void mma_p_tile(float (&acc)[kD / 8][4], const uint32_t (&p)[4], uint32_t tile, int lane) {
+  mma_p_tile_at<kD>(acc, p, ldm_rows_as_k<kD>(tile, lane, 0));
 }
 
 // The K and V tiles of one (batch, token, kv head)'s selected blocks, streamed
@@ -199,22 +255,26 @@ __device__ __forceinline__ void mma_p_tile(float (&acc)[kD / 8][4], const uint32
 // Only the loader walks the selection; the columns each staged tile shows the
 // query travel to the reader in a small register queue, and the lane's source
 // addresses are set up once, so a tile costs a few address steps.
-template <int kD, int kStages>
+template <int kD, int kStages, typename Walker = TileWalker>
 struct SelectedKvPipeline {
   static constexpr int kTileBytes = kKeyTile * kD * 2;  // one bf16 [kKeyTile, kD] tile
   static constexpr int kStageBytes = 2 * kTileBytes;
   static_assert(kStages >= 2, "one tile in flight while one is read");
 
-  TileWalker loader;           // runs kStages - 1 tiles ahead of the reader
+  Walker loader;               // runs kStages - 1 tiles ahead of the reader
   RowCopier<kD> rows;
   const __nv_bfloat16* k_lane;  // this lane's first row at position k_lo in k, and in v
   const __nv_bfloat16* v_lane;
   int64_t row_stride;
-  int k_lo, k_hi, qpos;
+  int k_lo, k_hi;
   uint32_t stage0;              // this warp's first stage
   int staged = 0, read = 0;     // tiles staged and handed out so far
   int load_slot = 0, read_slot = 0;
   uint32_t queue[kStages - 1];  // packed visible columns of the staged tiles not yet read
+  // This lane's ldmatrix offsets in a tile (ldm_rows_as_n, ldm_rows_as_k), worked
+  // out once: passed through a shuffle, so the compiler keeps them in registers
+  // instead of recomputing them from the thread index for every tile.
+  uint32_t ldm_n, ldm_k;
 
   // k/v: [B, Sk, Hkv, kD]; block_ids: [B, Sq, Hkv, top_k]; warp_smem: this warp's
   // kStages * kStageBytes of shared memory. Issues the first kStages - 1 tiles.
@@ -223,24 +283,18 @@ struct SelectedKvPipeline {
       : loader(block_ids + ((static_cast<int64_t>(b) * s.sq + t) * s.hkv + kvh) * s.top_k, s.top_k, s.block_size,
                static_cast<int>(s.k_start), static_cast<int>(s.k_start) + s.sk, qpos_, lane),
         rows(lane), row_stride(static_cast<int64_t>(s.hkv) * kD), k_lo(static_cast<int>(s.k_start)),
-        k_hi(static_cast<int>(s.k_start) + s.sk), qpos(qpos_), stage0(warp_smem) {
+        k_hi(static_cast<int>(s.k_start) + s.sk), stage0(warp_smem) {
     const int64_t head_offset = static_cast<int64_t>(b) * s.sk * row_stride + static_cast<int64_t>(kvh) * kD;
     k_lane = k + head_offset + rows.row0 * row_stride + rows.col;
     v_lane = v + head_offset + rows.row0 * row_stride + rows.col;
+    ldm_n = __shfl_sync(0xffffffffu, ldm_rows_as_n<kD>(0, lane, 0), lane);
+    ldm_k = __shfl_sync(0xffffffffu, ldm_rows_as_k<kD>(0, lane, 0), lane);
 #pragma unroll
     for (int i = 0; i < kStages - 1; ++i) {
       KeyTile tile;
-      if (loader.next(tile)) {
-        stage(tile);
-        queue[i] = packed_columns(tile);
-      }
+      if (loader.next(tile, queue[i])) stage(tile);
       cp_async_commit();
     }
-  }
-
-  __device__ uint32_t packed_columns(const KeyTile& tile) const {
-    const TileColumns c = visible_columns(tile, qpos);
-    return static_cast<uint32_t>(c.lo) | static_cast<uint32_t>(c.hi) << 8;
   }
 
   __device__ void stage(const KeyTile& tile) {
@@ -268,6 +322,11 @@ struct SelectedKvPipeline {
     }
   }
 
+  // This lane's ldmatrix addresses in a staged tile, for mma_a_tile_t_at (tile
+  // rows as n) and mma_p_tile_at (tile rows as k).
+  __device__ uint32_t rows_as_n(uint32_t tile) const { return tile + ldm_n; }
+  __device__ uint32_t rows_as_k(uint32_t tile) const { return tile + ldm_k; }
+
   // The next selected tile: waits until its stage has landed, issues the tile
   // kStages - 1 ahead, and gives the columns the query sees and the stage's K and
   // V shared-memory addresses. False after the last tile.
@@ -282,10 +341,7 @@ struct SelectedKvPipeline {
 #pragma unroll
     for (int i = 0; i + 1 < kStages - 1; ++i) queue[i] = queue[i + 1];
     KeyTile tile;
-    if (loader.next(tile)) {
-      stage(tile);
-      queue[kStages - 2] = packed_columns(tile);  // the loader was kStages - 1 ahead until now
-    }
+    if (loader.next(tile, queue[kStages - 2])) stage(tile);  // the loader was kStages - 1 ahead until now
     cp_async_commit();
     k_tile = stage0 + read_slot * kStageBytes;
     v_tile = k_tile + kTileBytes;
