@@ -88,6 +88,8 @@ const std::vector<Case>& cases() {
       {"D128 G4 bs128 batch 2", 2, 700, 700, 12, 3, 128, 128, 2},
       {"D64 G6 bs16 (group not a multiple of 16)", 1, 333, 333, 12, 2, 64, 16, 5},
       {"D64 G16 bs16, every query on blocks 0-5", 1, 2048, 2048, 32, 2, 64, 16, 8, 0, 0, 6},
+      {"D64 G16 bs64 batch 2 partial block", 2, 700, 700, 32, 2, 64, 64, 4},
+      {"D64 G16 bs32, q chunk at 512, k chunk [256, 640), -1 slots", 1, 256, 384, 32, 2, 64, 32, 24, 512, 256},
       {"D128 G8 bs32, every query on blocks 0-2", 2, 640, 640, 16, 2, 128, 32, 4, 0, 0, 3},
       {"q chunk at 512, k chunk [256, 640), -1 slots", 1, 256, 384, 16, 2, 64, 32, 24, 512, 256},
       {"k chunk after the first queries (rows with no key)", 1, 192, 128, 8, 2, 64, 16, 4, 0, 64, 1},
@@ -187,11 +189,14 @@ TEST(CudaSparseAttention, BackwardFromMergedResultPerKeyChunk) {
 // positions) give what one call per chunk gives: the same selection, output and
 // lse, and gradients (dK/dV up to the atomics' order), with the dK/dV join
 // deferred to a SideJoin.
-TEST(CudaSparseAttention, TwoQueryRunsMatchOneCallPerRun) {
+// Run with groups of 8 and of 16 (16 and 32 query heads over two kv heads).
+class CudaSparseTwoRuns : public ::testing::TestWithParam<int64_t> {};
+
+TEST_P(CudaSparseTwoRuns, MatchOneCallPerRun) {
   SSA_REQUIRE_GPU();
   at::manual_seed(23);
   // cp = 2, rank 0: chunks 0 and 3 of 4 (64 rows each) over all 256 keys.
-  const int64_t c = 64, sk = 256, hq = 16, hkv = 2, d = 64, bs = 16, top_k = 4;
+  const int64_t c = 64, sk = 256, hq = GetParam(), hkv = 2, d = 64, bs = 16, top_k = 4;
   const at::Tensor q = at::randn({1, 2 * c, hq, d}, gpu()), k = at::randn({1, sk, hkv, d}, gpu()),
                    v = at::randn({1, sk, hkv, d}, gpu()), dout = at::randn({1, 2 * c, hq, d}, gpu());
   SparseOptions opt;
@@ -232,6 +237,7 @@ TEST(CudaSparseAttention, TwoQueryRunsMatchOneCallPerRun) {
   EXPECT_LT(relative_error(dv, dv1), 1e-5);
   EXPECT_THROW(select_blocks(q, pooled, opt, QueryRows::two_runs(0, c, c / 2)), std::runtime_error);
 }
+INSTANTIATE_TEST_SUITE_P(Groups, CudaSparseTwoRuns, ::testing::Values(16, 32));
 
 // "auto" uses the kernels where they take the inputs and the reference elsewhere:
 // fp32, head dim 96, block 8 and a top-k above the selection kernel's limit all run
