@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
 #include <stdexcept>
 
 #include "kernels/cuda_launch.h"
@@ -33,8 +34,8 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
   at::Tensor ids = at::empty({q.size(0), q.size(1), pooled.size(2), options.top_k}, q.options().dtype(at::kInt));
   if (q.size(1) == 0) return ids;
 
-  // fp32 pooled keys as hi + lo bf16 parts in the kernels' chunk images, and each
-  // chunk's largest key norm (one kernel).
+  // fp32 pooled keys, times log2(e) / sqrt(D), as hi + lo bf16 parts in the
+  // kernels' chunk images, and each chunk's largest key norm (one kernel).
   at::Tensor pk = pooled.detach().to(at::kFloat);
   const int64_t d = pk.size(3), hkv = pk.size(2);
   if (pk.stride(3) != 1 || pk.stride(2) != d || pk.stride(1) != hkv * d) pk = pk.contiguous();
@@ -44,6 +45,7 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
   SplitParams sp;
   sp.pooled = pk.data_ptr<float>();
   sp.pooled_batch_stride = pk.stride(0);
+  sp.logit_scale = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(d)));
   sp.batch = to_int(fn, "batch", pk.size(0));
   sp.n_blocks = to_int(fn, "Nb", pk.size(1));
   sp.heads = to_int(fn, "Hkv", hkv);

@@ -170,12 +170,15 @@ constexpr int kSelectChunk = 64;
 
 // pooled [B, Nb, Hkv, D] fp32 (dims 1-3 contiguous) -> the selection kernels'
 // operands: chunk images [B, Hkv, ceil(Nb / kSelectChunk), 2, kSelectChunk * D]
-// bf16, per chunk a hi tile (bf16(x)) then a lo tile (bf16(x - hi)), each laid out
+// bf16 of x = pooled * logit_scale (log2(e) / sqrt(D): a product with q is then a
+// logit in log2 units, ready for exp2), per chunk a hi tile (bf16(x)) then a lo
+// tile (bf16(x - hi)), each laid out
 // exactly as the kernels' swizzled shared-memory tile (tile_offset, mma.cuh; rows
 // past Nb zero), so a chunk streams in as one contiguous copy; and chunk_norm
-// [B, Hkv, ceil(Nb / kSelectChunk)]: the largest |pooled row| of each chunk.
+// [B, Hkv, ceil(Nb / kSelectChunk)]: the largest |x row| of each chunk.
 struct SplitParams {
   const float* pooled = nullptr;
+  float logit_scale = 1.f;
   int64_t pooled_batch_stride = 0;
   int batch = 0, n_blocks = 0, heads = 0, head_dim = 0;
   __nv_bfloat16* tiles = nullptr;
@@ -184,8 +187,8 @@ struct SplitParams {
 cudaError_t launch_split(const SplitParams& p, cudaStream_t stream);
 
 // Selection. The chunk images' hi + lo tiles (SplitParams) carry the fp32 pooled
-// keys to about 16 bits of mantissa: the ranking pass uses both, the normaliser
-// pass the high part only.
+// keys, scaled to give logits in log2 units, to about 16 bits of mantissa: the
+// ranking pass uses both, the normaliser pass the high part only.
 struct SelectParams {
   Shape shape;  // sk unused; block_size, top_k, q_start used
   int n_blocks = 0;

@@ -1,6 +1,7 @@
 // The selection's inputs in two small kernels (instead of ~10 elementwise ATen
 // kernels per call): block means of the keys, and their bf16 hi + lo split in the
-// layout the selection kernel streams, with each chunk's largest key norm
+// layout the selection kernel streams (scaled to give logits in log2 units), with
+// each chunk's largest key norm
 // (params.cuh, PoolParams / SplitParams).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -56,7 +57,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const SplitParams p) {
     const float* src = p.pooled + b * p.pooled_batch_stride + (static_cast<int64_t>(block) * p.heads + h) * p.head_dim;
     float sq = 0.f;
     for (int d = lane; d < p.head_dim; d += 32) {
-      const float x = real ? src[d] : 0.f;
+      const float x = real ? src[d] * p.logit_scale : 0.f;
       const __nv_bfloat16 xh = __float2bfloat16_rn(x);
       // tile_offset (mma.cuh): 8-element piece d / 8 of row `row` sits at piece (d / 8) ^ (row & 7).
       const int at = row * p.head_dim + ((((d >> 3) ^ (row & 7)) << 3) | (d & 7));

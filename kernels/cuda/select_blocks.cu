@@ -16,7 +16,8 @@
 // (one per n-tile of 8 columns), so no mma column or exp is spent on padding
 // heads of a small group (Llama-style 4 or 8 heads per kv head). The causal mask
 // is applied only on the steps that cross a token's own block.
-// Pooled keys come as bf16 hi + lo parts; the ranking pass uses both (near fp32
+// Pooled keys come as bf16 hi + lo parts, scaled by log2(e) / sqrt(D) so that the
+// products are logits in log2 units; the ranking pass uses both (near fp32
 // logits, so ties and near-ties fall as in the fp32 reference), the normaliser
 // pass only hi. Query-block mode: the CTA owns one query block; its tokens'
 // group sums are added per block into a global row [Nb] (one per query block,
@@ -109,7 +110,6 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int group = lane >> 2, tig = lane & 3;
   const int group_size = s.hq / s.hkv, bs = s.block_size, top_k = s.top_k;
-  const float scale = device::kLog2e / sqrtf(static_cast<float>(kD));  // logits -> log2 units
 
   const int tile_tokens = p.per_query_block ? bs : kWarps * kTokens;
   const device::SelectTile<kD> ct(p, tile_tokens);
@@ -175,8 +175,8 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
 #pragma unroll
             for (int h = 0; h < 4; ++h) {
               const int nc = n_causal[C::token_of(u, h >> 1)];
-              const float x0 = j0 + group < nc ? acc[u][h >> 1][h & 1] * scale : -INFINITY;
-              const float x1 = j0 + group + 8 < nc ? acc[u][h >> 1][2 + (h & 1)] * scale : -INFINITY;
+              const float x0 = j0 + group < nc ? acc[u][h >> 1][h & 1] : -INFINITY;
+              const float x1 = j0 + group + 8 < nc ? acc[u][h >> 1][2 + (h & 1)] : -INFINITY;
               const float mx = fmaxf(m[u][h], fmaxf(x0, x1));
               if (mx == -INFINITY) continue;
               l[u][h] = l[u][h] * exp2f(m[u][h] - mx) + exp2f(x0 - mx) + exp2f(x1 - mx);
@@ -200,12 +200,13 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
     };
 
     // Pass 1: per head (this thread's 4 heads per unit) a reference m (log2
-    // units) and the sum l of 2^(x * scale - m) over the thread's blocks.
-    // Cauchy-Schwarz gives each chunk a bound |q| * (largest key norm) * scale on
+    // units) and the sum l of 2^(x - m) over the thread's blocks (x: a logit in
+    // log2 units, as the chunk images are scaled). Cauchy-Schwarz gives each chunk
+    // a bound |q| * (largest key norm) on
     // its logits, so m is raised at most once per chunk and the steps run without
     // branches. Bounds far above the largest logit could underflow l; then the
     // CTA redoes the pass with a running max (normalise_exact).
-    float qs[kUnits][4];  // |q| * scale of each of this thread's heads
+    float qs[kUnits][4];  // |q| of each of this thread's heads
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) {
       float qn[2];  // |q| of head `group` of each n-tile
@@ -222,7 +223,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
         qn[nt] = device::quad_sum(sq);
       }
 #pragma unroll
-      for (int h = 0; h < 4; ++h) qs[u][h] = sqrtf(__shfl_sync(kFull, qn[h >> 1], (tig * 2 + (h & 1)) * 4)) * scale;
+      for (int h = 0; h < 4; ++h) qs[u][h] = sqrtf(__shfl_sync(kFull, qn[h >> 1], (tig * 2 + (h & 1)) * 4));
     }
     float m[kUnits][4], l[kUnits][4];
 #pragma unroll
@@ -246,8 +247,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
           for (int u = 0; u < kUnits; ++u)
 #pragma unroll
             for (int h = 0; h < 4; ++h)
-              l[u][h] += exp2f(fmaf(acc[u][h >> 1][h & 1], scale, -m[u][h])) +
-                         exp2f(fmaf(acc[u][h >> 1][2 + (h & 1)], scale, -m[u][h]));
+              l[u][h] += exp2f(acc[u][h >> 1][h & 1] - m[u][h]) + exp2f(acc[u][h >> 1][2 + (h & 1)] - m[u][h]);
         } else {
 #pragma unroll
           for (int u = 0; u < kUnits; ++u)
@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
               const int nc = n_causal[C::token_of(u, h >> 1)];
               const float x0 = j0 + group < nc ? acc[u][h >> 1][h & 1] : -INFINITY;
               const float x1 = j0 + group + 8 < nc ? acc[u][h >> 1][2 + (h & 1)] : -INFINITY;
-              l[u][h] += exp2f(fmaf(x0, scale, -m[u][h])) + exp2f(fmaf(x1, scale, -m[u][h]));
+              l[u][h] += exp2f(x0 - m[u][h]) + exp2f(x1 - m[u][h]);
             }
         }
       }
@@ -272,7 +272,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
         underflow |= head_valid(u, h) && !(l[u][h] >= device::kUnderflowSum);
       }
     if (__syncthreads_or(underflow)) normalise_exact(m, l);
-    // bias = log2 of the normaliser: p = 2^(x * scale - bias). Padded heads and
+    // bias = log2 of the normaliser: p = 2^(x - bias). Padded heads and
     // tokens get +inf (p = 0).
     float bias[kUnits][4];
 #pragma unroll
@@ -304,8 +304,8 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
             const int u = i / 2, nt = i % 2;
 #pragma unroll
             for (int h = nt * 2; h < nt * 2 + 2; ++h) {
-              v[i][0] += exp2f(fmaf(acc[u][nt][h & 1], scale, -bias[u][h]));
-              v[i][1] += exp2f(fmaf(acc[u][nt][2 + (h & 1)], scale, -bias[u][h]));
+              v[i][0] += exp2f(acc[u][nt][h & 1] - bias[u][h]);
+              v[i][1] += exp2f(acc[u][nt][2 + (h & 1)] - bias[u][h]);
             }
           } else {
 #pragma unroll
@@ -313,8 +313,8 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
               const int u = i * kMT + ms;
 #pragma unroll
               for (int h = 0; h < 4; ++h) {
-                v[i][0] += exp2f(fmaf(acc[u][h >> 1][h & 1], scale, -bias[u][h]));
-                v[i][1] += exp2f(fmaf(acc[u][h >> 1][2 + (h & 1)], scale, -bias[u][h]));
+                v[i][0] += exp2f(acc[u][h >> 1][h & 1] - bias[u][h]);
+                v[i][1] += exp2f(acc[u][h >> 1][2 + (h & 1)] - bias[u][h]);
               }
             }
           }

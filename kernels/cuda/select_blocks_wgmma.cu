@@ -12,6 +12,7 @@
 
 #include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/params.cuh"
@@ -35,6 +36,10 @@ constexpr int kUnits = 2;  // A tiles (16 rows) per warp
 // ~k (1 + ln 4) insertions, the next ~k ln 2, then fewer.
 constexpr int kMergeLanes = 10;
 static_assert(kChunk == 64, "one m64n64 product covers a chunk");
+// Logits within +-kPlainBound (log2 units) keep 2^x and its sums over up to 2^27
+// blocks inside fp32's normal range with no reference subtracted.
+constexpr float kPlainBound = 96.f;
+enum class Reference { kNone, kBounds, kMax };
 // The kernel is latency-bound (neither its exps nor its products fill their
 // pipes), so CTAs per SM count most. Group 16 runs 5 per SM: two chunk buffers
 // (33 KB of shared memory) and at most 96 registers, a few spilled outside the
@@ -77,7 +82,6 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int group = lane >> 2, tig = lane & 3;
   const int bs = s.block_size, top_k = s.top_k;
-  const float scale = device::kLog2e / 8.f;  // 1 / sqrt(64) in log2 units
 
   const device::SelectTile<kD> ct(p, kWarps * kTokens);
   const int b = ct.b, kvh = ct.kvh, t_begin = ct.t_begin, t_end = ct.t_end, n_chunks = ct.n_chunks;
@@ -91,7 +95,7 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
   }
   auto token_of = [](int u, int r) { return u * kRowTokens + (kRowTokens == 2 ? r : 0); };
 
-  // A fragments (q rows), and |q| * scale of each of this thread's two rows.
+  // A fragments (q rows), and |q| of each of this thread's two rows.
   uint32_t qa[kUnits][kD / 16][4];
   float qs[kUnits][2];
 #pragma unroll
@@ -120,10 +124,11 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
         }
     }
 #pragma unroll
-    for (int r = 0; r < 2; ++r) qs[u][r] = sqrtf(device::quad_sum(sq[r])) * scale;
+    for (int r = 0; r < 2; ++r) qs[u][r] = sqrtf(device::quad_sum(sq[r]));
   }
 
-  // Logits of unit u against a chunk: acc = Q K^T over the hi part (and the lo part).
+  // Logits (log2 units) of unit u against a chunk: acc = Q K^T over the hi part (and
+  // the lo part).
   float acc[32];
   auto logits = [&](int u, uint32_t hi_tile, uint32_t lo_tile, bool with_lo) {
     const uint64_t dh = device::sw128_kmajor_desc(hi_tile);
@@ -144,21 +149,25 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
   auto col_of = [&](int i) { return 8 * (i >> 2) + tig * 2 + (i & 1); };
   auto row_of = [](int i) { return (i >> 1) & 1; };
 
-  // Pass 1: per row (head) a reference m (log2 units) and l = sum of 2^(x * scale - m)
-  // over its causal blocks. bounded: m follows the chunks' norm bounds |q| * norm *
-  // scale (select_blocks.cu); otherwise m is the exact max, set beforehand.
+  // Pass 1: per row (head) a reference m and l = sum of 2^(x - m) over its causal
+  // blocks. Where |q| times the CTA's largest chunk norm bounds every row's logits
+  // by kPlainBound, 2^x neither overflows nor flushes, so m = 0 and a logit costs
+  // an exp and an add (Reference::kNone); otherwise m follows the chunks' norm
+  // bounds |q| * norm (kBounds, select_blocks.cu), or is the exact max, set
+  // beforehand (kMax, the fallback where the bounds underflow the sums).
   float m[kUnits][2], l[kUnits][2];
-  auto normalise = [&](bool bounded) {
+  auto normalise = [&](auto reference) {
+    constexpr Reference kRef = decltype(reference)::value;
 #pragma unroll
     for (int u = 0; u < kUnits; ++u)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        if (bounded) m[u][r] = 0.f;
+        if (kRef != Reference::kMax) m[u][r] = 0.f;
         l[u][r] = 0.f;
       }
     stream_chunks<kD, kWarps * 32, true, kBuffers>(n_chunks, false, ct.tiles, buffers,
                                          [&](int c, uint32_t hi_tile, uint32_t) {
-      if (bounded) {
+      if (kRef == Reference::kBounds) {
         const float norm = chunk_norm[c];
 #pragma unroll
         for (int u = 0; u < kUnits; ++u)
@@ -166,19 +175,20 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
           for (int r = 0; r < 2; ++r)
             device::raise_reference(m[u][r], l[u][r], qs[u][r] * norm);
       }
+      // 2^(x - m), with m = 0 known at compile time where there is none.
+      auto term = [&](float x, int u, int r) { return exp2f(kRef == Reference::kNone ? x : x - m[u][r]); };
 #pragma unroll
       for (int u = 0; u < kUnits; ++u) {
         logits(u, hi_tile, 0, false);
         const int j0 = c * kChunk;
         if (j0 + kChunk <= min(n_causal[token_of(u, 0)], n_causal[token_of(u, 1)])) {
 #pragma unroll
-          for (int i = 0; i < 32; ++i) l[u][row_of(i)] += exp2f(fmaf(acc[i], scale, -m[u][row_of(i)]));
+          for (int i = 0; i < 32; ++i) l[u][row_of(i)] += term(acc[i], u, row_of(i));
         } else {
 #pragma unroll
           for (int i = 0; i < 32; ++i) {
             const int r = row_of(i);
-            const float x = j0 + col_of(i) < n_causal[token_of(u, r)] ? acc[i] : -INFINITY;
-            l[u][r] += exp2f(fmaf(x, scale, -m[u][r]));
+            l[u][r] += term(j0 + col_of(i) < n_causal[token_of(u, r)] ? acc[i] : -INFINITY, u, r);
           }
         }
       }
@@ -188,7 +198,7 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
 #pragma unroll
       for (int r = 0; r < 2; ++r) l[u][r] = device::quad_sum(l[u][r]);
   };
-  // The exact max of each row's causal logits (log2 units), for the fallback.
+  // The exact max of each row's causal logits, for the fallback.
   auto row_max = [&]() {
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) m[u][0] = m[u][1] = -INFINITY;
@@ -200,7 +210,7 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
 #pragma unroll
         for (int i = 0; i < 32; ++i) {
           const int r = row_of(i);
-          if (c * kChunk + col_of(i) < n_causal[token_of(u, r)]) m[u][r] = fmaxf(m[u][r], acc[i] * scale);
+          if (c * kChunk + col_of(i) < n_causal[token_of(u, r)]) m[u][r] = fmaxf(m[u][r], acc[i]);
         }
       }
     });
@@ -213,7 +223,19 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
       }
   };
 
-  normalise(true);
+  float top_norm = 0.f;  // the largest key norm of the CTA's chunks
+  for (int c = lane; c < n_chunks; c += 32) top_norm = fmaxf(top_norm, chunk_norm[c]);
+  top_norm = device::warp_max(top_norm);
+  bool plain = true;
+#pragma unroll
+  for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) plain &= qs[u][r] * top_norm <= kPlainBound;
+  if (__syncthreads_and(plain)) {
+    normalise(std::integral_constant<Reference, Reference::kNone>());
+  } else {
+    normalise(std::integral_constant<Reference, Reference::kBounds>());
+  }
   bool underflow = false;
 #pragma unroll
   for (int u = 0; u < kUnits; ++u)
@@ -221,9 +243,9 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
     for (int r = 0; r < 2; ++r) underflow |= n_causal[token_of(u, r)] > 0 && !(l[u][r] >= device::kUnderflowSum);
   if (__syncthreads_or(underflow)) {
     row_max();
-    normalise(false);
+    normalise(std::integral_constant<Reference, Reference::kMax>());
   }
-  float bias[kUnits][2];  // p = 2^(x * scale - bias); +inf for rows of no token
+  float bias[kUnits][2];  // p = 2^(x - bias); +inf for rows of no token
 #pragma unroll
   for (int u = 0; u < kUnits; ++u)
 #pragma unroll
@@ -251,10 +273,9 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             if (kRowTokens == 1) {
-              v[2 * j + e] = exp2f(fmaf(acc[4 * j + e], scale, -bias[u][0])) +
-                             exp2f(fmaf(acc[4 * j + 2 + e], scale, -bias[u][1]));
+              v[2 * j + e] = exp2f(acc[4 * j + e] - bias[u][0]) + exp2f(acc[4 * j + 2 + e] - bias[u][1]);
             } else {
-              v[2 * j + e] = exp2f(fmaf(acc[4 * j + 2 * t + e], scale, -bias[u][t]));
+              v[2 * j + e] = exp2f(acc[4 * j + 2 * t + e] - bias[u][t]);
             }
           }
         float x[2];

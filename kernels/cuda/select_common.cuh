@@ -16,9 +16,10 @@ namespace ssa::kernels::cuda::device {
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kChunk = kSelectChunk;  // pooled blocks per shared-memory chunk
 
-// The normaliser pass of both selection kernels sums 2^(x * scale - m) against a
-// reference m (log2 units) raised per chunk to |q| * (the chunk's largest key
-// norm) * scale, a bound on the chunk's logits (Cauchy-Schwarz).
+// The normaliser pass of both selection kernels sums 2^(x - m) (x: a logit in
+// log2 units, the chunk images being scaled) against a reference m raised per
+// chunk to |q| * (the chunk's largest key norm), a bound on the chunk's logits
+// (Cauchy-Schwarz).
 __device__ __forceinline__ void raise_reference(float& m, float& l, float bound) {
   if (bound > m) {
     l *= exp2f(m - bound);
