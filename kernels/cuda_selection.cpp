@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <numbers>
 #include <stdexcept>
 
 #include "kernels/cuda_launch.h"
@@ -45,7 +46,7 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
   SplitParams sp;
   sp.pooled = pk.data_ptr<float>();
   sp.pooled_batch_stride = pk.stride(0);
-  sp.logit_scale = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(d)));
+  sp.logit_scale = static_cast<float>(std::numbers::log2e / std::sqrt(static_cast<double>(d)));
   sp.batch = to_int(fn, "batch", pk.size(0));
   sp.n_blocks = to_int(fn, "Nb", pk.size(1));
   sp.heads = to_int(fn, "Hkv", hkv);

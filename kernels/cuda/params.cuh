@@ -172,9 +172,9 @@ constexpr int kSelectChunk = 64;
 // operands: chunk images [B, Hkv, ceil(Nb / kSelectChunk), 2, kSelectChunk * D]
 // bf16 of x = pooled * logit_scale (log2(e) / sqrt(D): a product with q is then a
 // logit in log2 units, ready for exp2), per chunk a hi tile (bf16(x)) then a lo
-// tile (bf16(x - hi)), each laid out
-// exactly as the kernels' swizzled shared-memory tile (tile_offset, mma.cuh; rows
-// past Nb zero), so a chunk streams in as one contiguous copy; and chunk_norm
+// tile (bf16(x - hi)), each laid out exactly as the kernels' swizzled
+// shared-memory tile (tile_offset, mma.cuh; rows past Nb zero), so a chunk
+// streams in as one contiguous copy; and chunk_norm
 // [B, Hkv, ceil(Nb / kSelectChunk)]: the largest |x row| of each chunk.
 struct SplitParams {
   const float* pooled = nullptr;
