@@ -107,8 +107,10 @@ AttentionGrads full_attention_backward(const at::Tensor& dout, const at::Tensor&
                                        int64_t q_start = 0, int64_t k_start = 0, int64_t chunk_rows = 0);
 
 // Mean of the keys of each block of block_size positions.
-//   k [B, Sk, Hkv, D] with k_start % block_size == 0 -> [B, ceil(Sk / block_size), Hkv, D] (fp32)
-// A last partial block is the mean of the keys it has.
+//   k [B, Sk, Hkv, D] with k_start % block_size == 0 -> [B, ceil(Sk / block_size), Hkv, D]
+// in k's dtype: summed in fp32 (fp64 for fp64 keys) and rounded once, as the
+// mean of a bf16 tensor in PyTorch (the paper's code) gives. A last partial
+// block is the mean of the keys it has.
 at::Tensor pool_keys(const at::Tensor& k, int64_t block_size);
 
 // Selection as ssa-method.md: per query head the softmax over its causal blocks

@@ -17,7 +17,7 @@ bool available();
 bool supports(const at::Tensor& q, const at::Tensor& k, int64_t top_k, int64_t block_size, bool any_float);
 at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const SparseOptions& options,
                          QueryRows q_rows);
-// kernels::pool_keys in one kernel (fp32 result, no autograd); undefined when k
+// kernels::pool_keys in one kernel (result in k's dtype, no autograd); undefined when k
 // does not fit it (not a CUDA bf16/fp16/fp32 tensor, or it needs a gradient).
 at::Tensor pool_keys(const at::Tensor& k, int64_t block_size);
 AttentionResult sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

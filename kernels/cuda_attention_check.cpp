@@ -106,7 +106,8 @@ CheckReport check_against_reference(const at::Tensor& q, const at::Tensor& k, co
   on_reference.backend = Backend::kReference;
 
   CheckReport report;
-  const at::Tensor pooled = pool_keys(kf, options.block_size);
+  // The pooled keys training feeds the selection: means of the bf16 keys, in bf16.
+  const at::Tensor pooled = pool_keys(kb, options.block_size);
   const at::Tensor ids_cuda = select_blocks(qb, pooled, on_cuda);
   const at::Tensor ids_ref = select_blocks(qf, pooled, on_reference);
   report.selection_agree = (ids_cuda == ids_ref).all(-1).to(at::kDouble).mean().item<double>();

@@ -36,9 +36,10 @@ struct CheckReport {
 };
 
 // q [B, S, Hq, D], k/v [B, S, Hkv, D] on the GPU (any float dtype; the CUDA path
-// reads bf16). Selection: both backends on the same pooled keys. Attention: both
-// backends on the reference's block ids, gradients of
-// sum(out * w_out) + sum(lse * w_lse) with fixed random weights.
+// reads bf16). Selection: both backends on the same pooled keys (of the bf16
+// keys, so bf16, as in training). Attention: both backends on the reference's
+// block ids, gradients of sum(out * w_out) + sum(lse * w_lse) with fixed random
+// weights.
 CheckReport check_against_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const SparseOptions& options, uint64_t seed);
 

@@ -35,16 +35,22 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
   at::Tensor ids = at::empty({q.size(0), q.size(1), pooled.size(2), options.top_k}, q.options().dtype(at::kInt));
   if (q.size(1) == 0) return ids;
 
-  // fp32 pooled keys, times log2(e) / sqrt(D), as hi + lo bf16 parts in the
-  // kernels' chunk images, and each chunk's largest key norm (one kernel).
-  at::Tensor pk = pooled.detach().to(at::kFloat);
+  SelectParams p;
+  p.shape = shape;
+  p.n_blocks = to_int(fn, "Nb", pooled.size(1));
+  p.per_query_block = options.mode == SelectionMode::kQueryBlock;
+  // The chunk images (one kernel): exact ones from bf16 pooled keys where the
+  // warpgroup-mma kernel runs, else hi + lo parts of the fp32 keys.
+  p.exact_keys = pooled.scalar_type() == at::kBFloat16 && select_wgmma_fits(p);
+  at::Tensor pk = pooled.detach().to(p.exact_keys ? at::kBFloat16 : at::kFloat);
   const int64_t d = pk.size(3), hkv = pk.size(2);
   if (pk.stride(3) != 1 || pk.stride(2) != d || pk.stride(1) != hkv * d) pk = pk.contiguous();
   const int64_t n_chunks = (pk.size(1) + kSelectChunk - 1) / kSelectChunk;
   at::Tensor tiles = at::empty({pk.size(0), hkv, n_chunks, 2, kSelectChunk * d}, pk.options().dtype(at::kBFloat16));
-  at::Tensor chunk_norm = at::empty({pk.size(0), hkv, n_chunks}, pk.options());
+  at::Tensor chunk_norm = at::empty({pk.size(0), hkv, n_chunks}, pk.options().dtype(at::kFloat));
   SplitParams sp;
-  sp.pooled = pk.data_ptr<float>();
+  sp.pooled = pk.data_ptr();
+  sp.exact = p.exact_keys;
   sp.pooled_batch_stride = pk.stride(0);
   sp.logit_scale = static_cast<float>(std::numbers::log2e / std::sqrt(static_cast<double>(d)));
   sp.batch = to_int(fn, "batch", pk.size(0));
@@ -55,13 +61,10 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const Sp
   sp.chunk_norm = chunk_norm.data_ptr<float>();
   SSA_CUDA_CHECK(launch_split(sp, at::cuda::getCurrentCUDAStream()));
   const at::Tensor qc = q.detach().contiguous();
-  SelectParams p;
-  p.shape = shape;
-  p.n_blocks = to_int(fn, "Nb", pooled.size(1));
-  p.per_query_block = options.mode == SelectionMode::kQueryBlock;
   p.q = bf16_ptr(qc);
   p.pooled_tiles = bf16_ptr(tiles);
   p.chunk_norm = chunk_norm.data_ptr<float>();
+  p.logit_scale = sp.logit_scale;
   at::Tensor scratch;
   if (p.per_query_block) {
     const int64_t n_query_blocks = (q.size(1) + options.block_size - 1) / options.block_size;
@@ -83,7 +86,7 @@ at::Tensor pool_keys(const at::Tensor& k, int64_t block_size) {
   at::Tensor kc = k;
   if (k.stride(3) != 1 || k.stride(2) != k.size(3)) kc = k.contiguous();
   const int64_t n_blocks = (k.size(1) + block_size - 1) / block_size;
-  at::Tensor pooled = at::empty({k.size(0), n_blocks, k.size(2), k.size(3)}, k.options().dtype(at::kFloat));
+  at::Tensor pooled = at::empty({k.size(0), n_blocks, k.size(2), k.size(3)}, k.options());
   PoolParams p;
   p.dtype = t == at::kFloat ? PoolParams::kF32 : t == at::kHalf ? PoolParams::kF16 : PoolParams::kBF16;
   p.k = kc.data_ptr();
@@ -95,7 +98,7 @@ at::Tensor pool_keys(const at::Tensor& k, int64_t block_size) {
   p.head_dim = to_int(fn, "head dim", k.size(3));
   p.block_size = to_int(fn, "block_size", block_size);
   p.n_blocks = to_int(fn, "blocks", n_blocks);
-  p.pooled = pooled.data_ptr<float>();
+  p.pooled = pooled.data_ptr();
   SSA_CUDA_CHECK(launch_pool(p, at::cuda::getCurrentCUDAStream()));
   return pooled;
 }

@@ -52,13 +52,14 @@ at::Tensor pool_keys(const at::Tensor& k, int64_t block_size) {
   const int64_t b = k.size(0), sk = k.size(1), hkv = k.size(2), d = k.size(3);
   const int64_t nb = (sk + block_size - 1) / block_size;
   const at::ScalarType ct = compute_type(k.scalar_type());
-  if (nb == 0) return at::zeros({b, 0, hkv, d}, k.options().dtype(ct));
-  // Zero-pad to whole blocks, sum each block, divide by the keys it really has.
+  if (nb == 0) return at::zeros({b, 0, hkv, d}, k.options());
+  // Zero-pad to whole blocks, sum each block, divide by the keys it really has;
+  // the means in k's dtype (rounded once, as a mean of bf16 keys in PyTorch).
   const at::Tensor padded = at::constant_pad_nd(k.to(ct), {0, 0, 0, 0, 0, nb * block_size - sk});
   const at::Tensor sums = padded.view({b, nb, block_size, hkv, d}).sum(2);  // [B, Nb, Hkv, D]
   at::Tensor counts = at::full({nb}, static_cast<double>(block_size), k.options().dtype(ct));
   counts[nb - 1] = static_cast<double>(sk - (nb - 1) * block_size);
-  return sums / counts.view({1, nb, 1, 1});
+  return (sums / counts.view({1, nb, 1, 1})).to(k.scalar_type());
 }
 
 at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& pooled, const SparseOptions& options, int64_t q_start,

@@ -152,32 +152,38 @@ cudaError_t launch_index_place(const InvertedIndexParams& p, cudaStream_t stream
 cudaError_t launch_index_items(const InvertedIndexParams& p, cudaStream_t stream);
 cudaError_t launch_index_fill(const InvertedIndexParams& p, cudaStream_t stream);
 
-// Block means of the keys: pooled [B, Nb, Hkv, D] fp32 (contiguous) from k
-// [B, keys, Hkv, D] (heads and head dim contiguous; batch and row strides in
-// elements), the last block holding keys - (Nb - 1) * block_size keys.
+// Block means of the keys: pooled [B, Nb, Hkv, D] (contiguous) from k [B, keys,
+// Hkv, D] (heads and head dim contiguous; batch and row strides in elements), the
+// last block holding keys - (Nb - 1) * block_size keys. Summed in fp32, written
+// in k's dtype (one rounding, as a mean of bf16 keys in PyTorch gives).
 struct PoolParams {
   enum Dtype { kF32, kBF16, kF16 };
-  Dtype dtype = kBF16;
+  Dtype dtype = kBF16;  // of k and pooled
   const void* k = nullptr;
   int64_t k_batch_stride = 0, k_row_stride = 0;
   int batch = 0, keys = 0, heads = 0, head_dim = 0, block_size = 0, n_blocks = 0;
-  float* pooled = nullptr;
+  void* pooled = nullptr;
 };
 cudaError_t launch_pool(const PoolParams& p, cudaStream_t stream);
 
 // Pooled blocks per chunk of the selection kernel's stream.
 constexpr int kSelectChunk = 64;
 
-// pooled [B, Nb, Hkv, D] fp32 (dims 1-3 contiguous) -> the selection kernels'
-// operands: chunk images [B, Hkv, ceil(Nb / kSelectChunk), 2, kSelectChunk * D]
-// bf16 of x = pooled * logit_scale (log2(e) / sqrt(D): a product with q is then a
-// logit in log2 units, ready for exp2), per chunk a hi tile (bf16(x)) then a lo
-// tile (bf16(x - hi)), each laid out exactly as the kernels' swizzled
-// shared-memory tile (tile_offset, mma.cuh; rows past Nb zero), so a chunk
-// streams in as one contiguous copy; and chunk_norm
-// [B, Hkv, ceil(Nb / kSelectChunk)]: the largest |x row| of each chunk.
+// pooled [B, Nb, Hkv, D] (dims 1-3 contiguous) -> the selection kernels' operands:
+// chunk images [B, Hkv, ceil(Nb / kSelectChunk), 2, kSelectChunk * D] bf16, two
+// tiles per chunk, each laid out exactly as the kernels' swizzled shared-memory
+// tile (tile_offset, mma.cuh; rows past Nb zero), so a chunk streams in as one
+// contiguous copy; and chunk_norm [B, Hkv, ceil(Nb / kSelectChunk)]: the largest
+// |x row| of each chunk, x = pooled * logit_scale (log2(e) / sqrt(D): a product
+// with q is then a logit in log2 units, ready for exp2). The tiles:
+// - fp32 pooled (exact = false): hi = bf16(x), then lo = bf16(x - hi); hi + lo
+//   carry x to about 16 bits of mantissa;
+// - bf16 pooled (exact = true): the pooled keys themselves, unscaled and exact
+//   (their products, times logit_scale in fp32, are the logits of the fp32
+//   reference on the same keys); the second tile is not written.
 struct SplitParams {
-  const float* pooled = nullptr;
+  const void* pooled = nullptr;  // fp32, or bf16 when exact
+  bool exact = false;
   float logit_scale = 1.f;
   int64_t pooled_batch_stride = 0;
   int batch = 0, n_blocks = 0, heads = 0, head_dim = 0;
@@ -186,9 +192,10 @@ struct SplitParams {
 };
 cudaError_t launch_split(const SplitParams& p, cudaStream_t stream);
 
-// Selection. The chunk images' hi + lo tiles (SplitParams) carry the fp32 pooled
-// keys, scaled to give logits in log2 units, to about 16 bits of mantissa: the
-// ranking pass uses both, the normaliser pass the high part only.
+// Selection on the chunk images (SplitParams): the normaliser pass reads hi (or
+// the exact keys), the ranking pass hi + lo (or the exact keys); products with
+// exact images are scaled by logit_scale in the kernel. Exact images go to the
+// warpgroup-mma kernel only (select_wgmma_fits).
 struct SelectParams {
   Shape shape;  // sk unused; block_size, top_k, q_start used
   int n_blocks = 0;
@@ -196,6 +203,8 @@ struct SelectParams {
   const __nv_bfloat16* q = nullptr;
   const __nv_bfloat16* pooled_tiles = nullptr;  // SplitParams::tiles
   const float* chunk_norm = nullptr;            // SplitParams::chunk_norm
+  bool exact_keys = false;                      // SplitParams::exact
+  float logit_scale = 1.f;                      // SplitParams::logit_scale
   float* block_scores = nullptr;  // query-block mode: [B, Hkv, n_query_blocks, Nb] fp32 scratch
   int32_t* block_ids = nullptr;
 };

@@ -35,7 +35,9 @@
 namespace ssa::kernels::cuda {
 namespace {
 
+using device::kBothTiles;
 using device::kChunk;
+using device::kFirstTile;
 using device::kFull;
 using device::stream_chunks;
 using device::TopK;
@@ -164,7 +166,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
       for (int u = 0; u < kUnits; ++u)
 #pragma unroll
         for (int h = 0; h < 4; ++h) m[u][h] = -INFINITY, l[u][h] = 0.f;
-      stream_chunks<kD, kWarps * 32>(n_chunks, false, ct.tiles, buffers, [&](int c, uint32_t hi_tile, uint32_t) {
+      stream_chunks<kD, kWarps * 32>(n_chunks, kFirstTile, ct.tiles, buffers, [&](int c, uint32_t hi_tile, uint32_t) {
         for (int step = 0; step < kChunk / 16; ++step) {
           const int j0 = c * kChunk + step * 16;
           if (j0 >= n_blocks_cta) break;
@@ -230,7 +232,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
     for (int u = 0; u < kUnits; ++u)
 #pragma unroll
       for (int h = 0; h < 4; ++h) m[u][h] = 0.f, l[u][h] = 0.f;
-    stream_chunks<kD, kWarps * 32>(n_chunks, false, ct.tiles, buffers, [&](int c, uint32_t hi_tile, uint32_t) {
+    stream_chunks<kD, kWarps * 32>(n_chunks, kFirstTile, ct.tiles, buffers, [&](int c, uint32_t hi_tile, uint32_t) {
       const float norm = chunk_norm[c];
 #pragma unroll
       for (int u = 0; u < kUnits; ++u)
@@ -288,7 +290,7 @@ __global__ void __launch_bounds__(kWarps * 32, kD == 128 && kMT == 2 ? 1 : 2) se
       best[i].init(lane, n_causal[i] - 1);
       thr[i] = best[i].threshold(top_k);
     }
-    stream_chunks<kD, kWarps * 32>(n_chunks, true, ct.tiles, buffers, [&](int c, uint32_t hi_tile, uint32_t lo_tile) {
+    stream_chunks<kD, kWarps * 32>(n_chunks, kBothTiles, ct.tiles, buffers, [&](int c, uint32_t hi_tile, uint32_t lo_tile) {
       for (int step = 0; step < kChunk / 16; ++step) {
         const int j0 = c * kChunk + step * 16;
         if (j0 >= n_blocks_cta) break;
@@ -433,6 +435,7 @@ cudaError_t launch_select(const SelectParams& p, cudaStream_t stream) {
   const int group = p.shape.group();
   if (group < 1 || group > kMaxGroup || p.shape.top_k < 1 || p.shape.top_k > kMaxTopK) return cudaErrorInvalidValue;
   if (select_wgmma_fits(p)) return launch_select_wgmma(p, stream);
+  if (p.exact_keys) return cudaErrorInvalidValue;  // this kernel reads hi + lo images only
   const bool two = group > 16, packed = group <= 8;
   switch (p.shape.head_dim) {
     case 64:

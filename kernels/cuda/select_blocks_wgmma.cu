@@ -1,6 +1,8 @@
 // Block selection with warpgroup mma (sm_90a) for head dim 64 and GQA groups of
 // 8 or 16, per-token mode: the same result as select_blocks.cu (see there for the
 // two passes and the pooled keys' hi + lo parts), with the roles turned around.
+// bf16 pooled keys come as exact images (params.cuh): both passes then take
+// their products with the keys themselves, scaled to log2 units in fp32.
 // Here a warp owns whole tokens: its 16 A rows are the query heads of one token
 // (group 16) or of two (group 8), held in registers for the whole stream, and
 // one m64n64k16 product per k-step gives every warp of the warpgroup the logits
@@ -70,8 +72,8 @@ __device__ __forceinline__ void sum_over_groups(const float (&v)[16], float (&x)
 // kG: heads per kv head (8 or 16). Row r of a thread (0: group, 1: group + 8) is
 // head group + 8 r of token 0 of the unit (kG = 16), or head group of token r (kG = 8).
 // kWide: top_k > 32, so the lists hold 64 entries; otherwise their second halves
-// stay constant and take no registers.
-template <int kG, bool kWide>
+// stay constant and take no registers. kExact: exact images (bf16 pooled keys).
+template <int kG, bool kWide, bool kExact>
 __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select_wgmma_kernel(const SelectParams p) {
   constexpr int kBuffers = Occupancy<kG>::kBuffers;
   constexpr int kRowTokens = 16 / kG;             // tokens per unit
@@ -127,17 +129,19 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
     for (int r = 0; r < 2; ++r) qs[u][r] = sqrtf(device::quad_sum(sq[r]));
   }
 
-  // Logits (log2 units) of unit u against a chunk: acc = Q K^T over the hi part (and
-  // the lo part).
+  // Products of unit u with a chunk: acc = Q K^T over the first tile (and the
+  // second). Logits in log2 units are acc * scale: hi + lo images come scaled
+  // (scale 1, which the compiler drops).
+  const float scale = kExact ? p.logit_scale : 1.f;
   float acc[32];
-  auto logits = [&](int u, uint32_t hi_tile, uint32_t lo_tile, bool with_lo) {
-    const uint64_t dh = device::sw128_kmajor_desc(hi_tile);
+  auto logits = [&](int u, uint32_t first_tile, uint32_t second_tile, bool with_second) {
+    const uint64_t dh = device::sw128_kmajor_desc(first_tile);
     device::fence_registers(acc);
     device::wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) device::wgmma_m64n64k16(acc, qa[u][ks], dh + 2 * ks, ks > 0);
-    if (with_lo) {
-      const uint64_t dl = device::sw128_kmajor_desc(lo_tile);
+    if (with_second) {
+      const uint64_t dl = device::sw128_kmajor_desc(second_tile);
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) device::wgmma_m64n64k16(acc, qa[u][ks], dl + 2 * ks, true);
     }
@@ -165,8 +169,8 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
         if (kRef != Reference::kMax) m[u][r] = 0.f;
         l[u][r] = 0.f;
       }
-    stream_chunks<kD, kWarps * 32, true, kBuffers>(n_chunks, false, ct.tiles, buffers,
-                                         [&](int c, uint32_t hi_tile, uint32_t) {
+    stream_chunks<kD, kWarps * 32, true, kBuffers>(n_chunks, device::kFirstTile, ct.tiles, buffers,
+                                         [&](int c, uint32_t first_tile, uint32_t) {
       if (kRef == Reference::kBounds) {
         const float norm = chunk_norm[c];
 #pragma unroll
@@ -175,11 +179,13 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
           for (int r = 0; r < 2; ++r)
             device::raise_reference(m[u][r], l[u][r], qs[u][r] * norm);
       }
-      // 2^(x - m), with m = 0 known at compile time where there is none.
-      auto term = [&](float x, int u, int r) { return exp2f(kRef == Reference::kNone ? x : x - m[u][r]); };
+      // 2^(x * scale - m), with m = 0 known at compile time where there is none.
+      auto term = [&](float x, int u, int r) {
+        return exp2f(kRef == Reference::kNone ? x * scale : fmaf(x, scale, -m[u][r]));
+      };
 #pragma unroll
       for (int u = 0; u < kUnits; ++u) {
-        logits(u, hi_tile, 0, false);
+        logits(u, first_tile, 0, false);
         const int j0 = c * kChunk;
         if (j0 + kChunk <= min(n_causal[token_of(u, 0)], n_causal[token_of(u, 1)])) {
 #pragma unroll
@@ -202,11 +208,11 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
   auto row_max = [&]() {
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) m[u][0] = m[u][1] = -INFINITY;
-    stream_chunks<kD, kWarps * 32, true, kBuffers>(n_chunks, false, ct.tiles, buffers,
-                                         [&](int c, uint32_t hi_tile, uint32_t) {
+    stream_chunks<kD, kWarps * 32, true, kBuffers>(n_chunks, device::kFirstTile, ct.tiles, buffers,
+                                         [&](int c, uint32_t first_tile, uint32_t) {
 #pragma unroll
       for (int u = 0; u < kUnits; ++u) {
-        logits(u, hi_tile, 0, false);
+        logits(u, first_tile, 0, false);
 #pragma unroll
         for (int i = 0; i < 32; ++i) {
           const int r = row_of(i);
@@ -219,7 +225,7 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float mx = device::quad_max(m[u][r]);
-        m[u][r] = mx == -INFINITY ? 0.f : mx;
+        m[u][r] = mx == -INFINITY ? 0.f : mx * scale;  // scale > 0
       }
   };
 
@@ -260,11 +266,13 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
     best[i].init(lane, n_causal[i] - 1);
     thr[i] = best[i].threshold(top_k);
   }
-  stream_chunks<kD, kWarps * 32, true, kBuffers>(n_chunks, true, ct.tiles, buffers,
-                                       [&](int c, uint32_t hi_tile, uint32_t lo_tile) {
+  // 2^(x * scale - bias): one fused multiply-add before the exp either way.
+  auto prob = [&](float x, int u, int r) { return exp2f(fmaf(x, scale, -bias[u][r])); };
+  stream_chunks<kD, kWarps * 32, true, kBuffers>(n_chunks, kExact ? device::kFirstTile : device::kBothTiles, ct.tiles,
+                                                 buffers, [&](int c, uint32_t first_tile, uint32_t second_tile) {
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) {
-      logits(u, hi_tile, lo_tile, true);
+      logits(u, first_tile, second_tile, !kExact);
 #pragma unroll
       for (int t = 0; t < kRowTokens; ++t) {
         float v[16];
@@ -273,9 +281,9 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             if (kRowTokens == 1) {
-              v[2 * j + e] = exp2f(acc[4 * j + e] - bias[u][0]) + exp2f(acc[4 * j + 2 + e] - bias[u][1]);
+              v[2 * j + e] = prob(acc[4 * j + e], u, 0) + prob(acc[4 * j + 2 + e], u, 1);
             } else {
-              v[2 * j + e] = exp2f(acc[4 * j + 2 * t + e] - bias[u][t]);
+              v[2 * j + e] = prob(acc[4 * j + 2 * t + e], u, t);
             }
           }
         float x[2];
@@ -320,7 +328,7 @@ __global__ void __launch_bounds__(kWarps * 32, Occupancy<kG>::kCtasPerSm) select
   }
 }
 
-template <int kG, bool kWide>
+template <int kG, bool kWide, bool kExact>
 cudaError_t launch(const SelectParams& p, cudaStream_t stream) {
   const Shape& s = p.shape;
   const int tile_tokens = kWarps * kUnits * (16 / kG);
@@ -328,15 +336,20 @@ cudaError_t launch(const SelectParams& p, cudaStream_t stream) {
   if (ctas == 0) return cudaSuccess;
   constexpr int kSmem = Occupancy<kG>::kSmem;
   cudaError_t err =
-      cudaFuncSetAttribute(select_wgmma_kernel<kG, kWide>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      cudaFuncSetAttribute(select_wgmma_kernel<kG, kWide, kExact>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
-  select_wgmma_kernel<kG, kWide><<<static_cast<unsigned>(ctas), kWarps * 32, kSmem, stream>>>(p);
+  select_wgmma_kernel<kG, kWide, kExact><<<static_cast<unsigned>(ctas), kWarps * 32, kSmem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <int kG, bool kExact>
+cudaError_t launch(const SelectParams& p, cudaStream_t stream) {
+  return p.shape.top_k > 32 ? launch<kG, true, kExact>(p, stream) : launch<kG, false, kExact>(p, stream);
 }
 
 template <int kG>
 cudaError_t launch(const SelectParams& p, cudaStream_t stream) {
-  return p.shape.top_k > 32 ? launch<kG, true>(p, stream) : launch<kG, false>(p, stream);
+  return p.exact_keys ? launch<kG, true>(p, stream) : launch<kG, false>(p, stream);
 }
 
 }  // namespace

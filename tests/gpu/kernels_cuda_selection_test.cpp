@@ -30,6 +30,9 @@ struct Case {
   // what the wgmma kernel's plain sums (no reference) allow, while the sums
   // against that bound stay far from underflow, so its bounded pass runs.
   float q_scale = 1.f;
+  // Keys in bf16, so the pooled keys are bf16 (as in training): the wgmma kernel
+  // ranks on them exactly (exact chunk images), the mma.sync one on hi + lo.
+  bool bf16_keys = false;
 };
 
 // Group scores [B, Sq, Hkv, Nb] in fp64: per head softmax over the causal blocks of
@@ -86,7 +89,7 @@ void check_case(const Case& c) {
     k.narrow(1, c.spike * c.block_size, c.block_size).select(3, 0).fill_(5000.f);
     q.select(3, 0).zero_();
   }
-  const at::Tensor pooled = pool_keys(k, c.block_size);
+  const at::Tensor pooled = pool_keys(c.bf16_keys ? k.to(at::kBFloat16) : k, c.block_size);
   SparseOptions opt;
   opt.block_size = c.block_size;
   opt.top_k = c.top_k;
@@ -133,6 +136,14 @@ TEST(CudaSelection, ValidTopKAndAgreesWithReference) {
        30.f},
       {"large logits, D64 G8", 1, 900, 16, 2, 64, 16, 8, 0, SelectionMode::kToken, -1, 30.f},
       {"huge key norm, D128 G8 query blocks", 1, 700, 16, 2, 128, 16, 8, 0, SelectionMode::kQueryBlock, 3},
+      // bf16 keys (exact images where the wgmma kernel runs)
+      {"bf16 keys: paper-like D64 G16", 2, 2048, 32, 2, 64, 16, 16, 0, SelectionMode::kToken, -1, 1.f, true},
+      {"bf16 keys: D64 G8 two tokens per unit, top40, partial tile", 1, 1000, 16, 2, 64, 16, 40, 640,
+       SelectionMode::kToken, -1, 1.f, true},
+      {"bf16 keys: large logits", 1, 1500, 32, 2, 64, 16, 16, 0, SelectionMode::kToken, -1, 30.f, true},
+      {"bf16 keys: huge key norm fallback", 1, 1500, 32, 2, 64, 16, 16, 0, SelectionMode::kToken, 40, 1.f, true},
+      {"bf16 keys: D128 G20 (mma.sync, hi + lo)", 1, 700, 40, 2, 128, 16, 12, 0, SelectionMode::kToken, -1, 1.f,
+       true},
   };
   for (const Case& c : cases) check_case(c);
 }
@@ -176,9 +187,12 @@ TEST(CudaPooling, MatchesReferenceAndFeedsSelection) {
       for (const int64_t bs : {16, 64}) {
         const at::Tensor got = pool_keys(k, bs);
         const at::Tensor want = reference::pool_keys(k.cpu(), bs);
-        ASSERT_EQ(got.scalar_type(), at::kFloat);
+        ASSERT_EQ(got.scalar_type(), t);
         ASSERT_EQ(got.sizes(), want.sizes());
-        EXPECT_TRUE(at::allclose(got.cpu(), want, 1e-5, 1e-6)) << t << " block " << bs << " rows " << k.size(1);
+        // Both sum in fp32 and round the mean once to k's dtype: at most a step of it apart.
+        const double step = t == at::kFloat ? 1e-6 : t == at::kHalf ? 1.0 / 1024 : 1.0 / 128;
+        EXPECT_TRUE(at::allclose(got.cpu().to(at::kFloat), want.to(at::kFloat), step, 1e-6))
+            << t << " block " << bs << " rows " << k.size(1);
       }
     }
   }
