@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const SplitParams p) {
       }
       sq = fmaf(x, x, sq);
     }
-  for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+    for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
     largest = fmaxf(largest, sq);
   }
   if (lane == 0) warp_max[warp] = largest;
