@@ -108,9 +108,9 @@ AttentionGrads full_attention_backward(const at::Tensor& dout, const at::Tensor&
 
 // Mean of the keys of each block of block_size positions.
 //   k [B, Sk, Hkv, D] with k_start % block_size == 0 -> [B, ceil(Sk / block_size), Hkv, D]
-// in k's dtype: summed in fp32 (fp64 for fp64 keys) and rounded once, as the
-// mean of a bf16 tensor in PyTorch (the paper's code) gives. A last partial
-// block is the mean of the keys it has.
+// in k's dtype: summed in fp32 (fp64 for fp64 keys) and rounded once, as a
+// PyTorch mean of bf16 keys gives (MoBA's PyTorch gating pools so, then scores in
+// fp32). A last partial block is the mean of the keys it has.
 at::Tensor pool_keys(const at::Tensor& k, int64_t block_size);
 
 // Selection as ssa-method.md: per query head the softmax over its causal blocks
