@@ -130,6 +130,7 @@ CheckReport check_against_reference(const at::Tensor& q, const at::Tensor& k, co
   report.tensors = {{"q", cpu(qf)},
                     {"k", cpu(kf)},
                     {"v", cpu(vf)},
+                    {"pooled_keys", cpu(pooled.to(at::kFloat))},  // the bf16 block means both selections ranked on
                     {"block_ids_cuda", cpu(ids_cuda)},
                     {"block_ids_reference", cpu(ids_ref)},
                     {"loss_weight_out", cpu(w_out)},
