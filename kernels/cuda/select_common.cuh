@@ -195,11 +195,12 @@ enum ChunkParts { kFirstTile = 1, kSecondTile = 2, kBothTiles = 3 };
 // Streams chunks [0, n_chunks) of chunk images (the tiles named by `parts`)
 // through kBuffers (2 or 3) shared-memory buffers (1024-byte aligned when
 // `buffers` is, as wgmma needs); f(chunk, first_tile, second_tile) runs after a
-// CTA barrier (a tile not streamed holds stale bytes). One barrier per chunk: chunk c + kBuffers - 1 is staged right after the
-// barrier of chunk c, into the buffer every thread finished with before it, so
-// kBuffers - 1 chunks are in flight while one is read. Ends with a barrier, so
-// the buffers can be refilled. kAsyncProxy: the tiles are read by wgmma, so each
-// thread fences its copies for the async proxy before the barrier.
+// CTA barrier (a tile not streamed holds stale bytes). One barrier per chunk:
+// chunk c + kBuffers - 1 is staged right after the barrier of chunk c, into the
+// buffer every thread finished with before it, so kBuffers - 1 chunks are in
+// flight while one is read. Ends with a barrier, so the buffers can be refilled.
+// kAsyncProxy: the tiles are read by wgmma, so each thread fences its copies for
+// the async proxy before the barrier.
 template <int kD, int kThreads, bool kAsyncProxy = false, int kBuffers = kChunkBuffers, typename F>
 __device__ void stream_chunks(int n_chunks, ChunkParts parts, const __nv_bfloat16* tiles, uint32_t buffers, F&& f) {
   constexpr int kTileElems = kChunk * kD;
@@ -215,7 +216,9 @@ __device__ void stream_chunks(int n_chunks, ChunkParts parts, const __nv_bfloat1
 #pragma unroll
       for (int j = 0; j < kPasses; ++j) {
         if (parts & kFirstTile) cp_async_16(dst + j * kThreads * 16, src + j * kThreads * 8);
-        if (parts & kSecondTile) cp_async_16(dst + kChunkBytes + j * kThreads * 16, src + kTileElems + j * kThreads * 8);
+        if (parts & kSecondTile) {
+          cp_async_16(dst + kChunkBytes + j * kThreads * 16, src + kTileElems + j * kThreads * 8);
+        }
       }
     }
     cp_async_commit();
